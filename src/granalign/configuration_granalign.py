@@ -1,0 +1,251 @@
+"""Configuration of GRM (granularity-aware and region-uncertain modeling).
+
+This module travels to the Hub with a checkpoint (``trust_remote_code``): it imports only ``transformers``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig
+
+try:  # transformers >= 5
+    from transformers import PreTrainedConfig
+except ImportError:  # pragma: no cover - transformers 4.x
+    from transformers import PretrainedConfig as PreTrainedConfig
+
+__all__ = ["VISION_PREFIX_TOKENS", "GranAlignConfig"]
+
+# Tokens a vision tower puts before its spatial tokens ([CLS], distillation, registers). Towers not listed
+# (Swin, ConvNeXt, SigLIP, ...) output spatial tokens only. DINOv2 adds its register tokens on top.
+VISION_PREFIX_TOKENS: dict[str, int] = {
+    "vit": 1,
+    "deit": 2,
+    "beit": 1,
+    "data2vec-vision": 1,
+    "dinov2": 1,
+    "dinov2_with_registers": 1,
+    "clip_vision_model": 1,
+    "vit_msn": 1,
+    "vit_mae": 1,
+}
+
+_CONTRASTIVE_LOSSES = ("hinge", "infonce")
+_KL_VARIANTS = ("full", "variance")
+
+
+def _resolve_subconfig(name: str, value: Any) -> PreTrainedConfig | None:
+    """Turn a dict with a ``model_type`` (or a config) into a config object via ``AutoConfig``."""
+    if value is None or isinstance(value, PreTrainedConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict, a PreTrainedConfig or None, got {type(value).__name__}")
+    value = dict(value)
+    model_type = value.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(
+            f"{name} needs a 'model_type' key (e.g. 'vit', 'swin', 'bert'), got keys {sorted(value)}"
+        )
+    try:
+        return AutoConfig.for_model(model_type, **value)
+    except ValueError:
+        raise ValueError(
+            f"{name}: unknown model_type {model_type!r}; expected a transformers model type such as "
+            "'vit', 'swin', 'clip_vision_model', 'dinov2', 'convnext', 'bert', 'roberta'"
+        ) from None
+
+
+class GranAlignConfig(PreTrainedConfig):
+    r"""Configuration of a [`GranAlignModel`]: two HF towers plus every GRM hyper-parameter.
+
+    The image side is either a vision tower (`vision_config`) or precomputed region features of size
+    `region_feature_dim` (e.g. 36 x 2048 detector regions); exactly one must be given.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*): any HF vision tower (ViT, Swin, CLIP-vision,
+            DINOv2, ConvNeXt, ...), as a config or a dict with `model_type`.
+        text_config (`dict` or `PreTrainedConfig`): any HF text encoder (BERT, RoBERTa, MiniLM, ...).
+        region_feature_dim (`int`, *optional*): feature size of precomputed regions, instead of a vision tower.
+        embed_dim (`int`, defaults to 512): the shared token dimension d.
+        num_regions (`int`, defaults to 5): number of region prompts K (paper: 5 for ViT, 50 for Swin).
+        adapter_hidden_ratio (`float`, defaults to 0.5): adapter MLP width as a fraction of d.
+        gumbel_temperature (`float`, defaults to 1.0): temperature τ of the adapters' Gumbel-Softmax.
+        level_weights (`tuple[float, float, float]`, defaults to (0.4, 0.4, 0.2)): weights (a, b, c) of the
+            original, key (adapter-masked) and uncertainty (region) similarity levels.
+        contrastive_loss (`str`, defaults to "hinge"): "hinge" (VSE++ triplet) or "infonce".
+        margin (`float`, defaults to 0.2): hinge margin.
+        infonce_temperature (`float`, defaults to 0.05): temperature of the InfoNCE option.
+        hardest_negative (`bool`, defaults to True): hinge on the hardest negative (else sum of violations).
+        sum_violation_warmup_epochs (`int`, defaults to 1): epochs trained with the sum of violations first.
+        recon_loss_weight (`float`, defaults to 1.0): λ_recon of the semantic-consistency loss.
+        kl_loss_weight (`float`, defaults to 1e-3): λ_KL of the region Gaussians' KL to N(0, I).
+        kl_variant (`str`, defaults to "full"): "full" KL or "variance" (drops the μ² term).
+        entropy_loss_weight (`float`, defaults to 0.1): λ_ent of the prompt-usage entropy regulariser.
+        keep_ratio_loss_weight (`float`, defaults to 0.0): weight of the optional `(mean(A) − ρ)²` penalty.
+        keep_ratio_target (`float`, defaults to 0.5): ρ of that penalty.
+        logvar_min (`float`, defaults to -10.0) / logvar_max (`float`, defaults to 2.0): log-variance clamp.
+        similarity_negative_slope (`float`, defaults to 0.1): LeakyReLU slope applied to token cosines.
+        region_prompt_scale_init (`float`, defaults to 10.0) / region_prompt_bias_init (`float`, defaults to
+            -5.0): initial scale s and bias b of the region attention `sigmoid(s·cos + b)`.
+        vision_num_prefix_tokens (`int`, *optional*): tokens before the spatial ones ([CLS], registers) that
+            region prompting skips; inferred from the vision tower's `model_type` when `None`.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of new layers.
+
+    Example:
+    ```python
+    >>> from granalign import GranAlignConfig, GranAlignModel
+    >>> config = GranAlignConfig(
+    ...     vision_config={"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2,
+    ...                    "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8},
+    ...     text_config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2,
+    ...                  "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100},
+    ...     embed_dim=32, num_regions=3)
+    >>> model = GranAlignModel(config)
+    ```
+    """
+
+    model_type = "granalign"
+
+    def __init__(
+        self,
+        vision_config: dict | PreTrainedConfig | None = None,
+        text_config: dict | PreTrainedConfig | None = None,
+        region_feature_dim: int | None = None,
+        embed_dim: int = 512,
+        num_regions: int = 5,
+        adapter_hidden_ratio: float = 0.5,
+        gumbel_temperature: float = 1.0,
+        level_weights: tuple[float, float, float] | list[float] = (0.4, 0.4, 0.2),
+        contrastive_loss: str = "hinge",
+        margin: float = 0.2,
+        infonce_temperature: float = 0.05,
+        hardest_negative: bool = True,
+        sum_violation_warmup_epochs: int = 1,
+        recon_loss_weight: float = 1.0,
+        kl_loss_weight: float = 1e-3,
+        kl_variant: str = "full",
+        entropy_loss_weight: float = 0.1,
+        keep_ratio_loss_weight: float = 0.0,
+        keep_ratio_target: float = 0.5,
+        logvar_min: float = -10.0,
+        logvar_max: float = 2.0,
+        similarity_negative_slope: float = 0.1,
+        region_prompt_scale_init: float = 10.0,
+        region_prompt_bias_init: float = -5.0,
+        vision_num_prefix_tokens: int | None = None,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        self.vision_config = _resolve_subconfig("vision_config", vision_config)
+        self.text_config = _resolve_subconfig("text_config", text_config)
+        self.region_feature_dim = region_feature_dim
+        self.embed_dim = embed_dim
+        self.num_regions = num_regions
+        self.adapter_hidden_ratio = adapter_hidden_ratio
+        self.gumbel_temperature = gumbel_temperature
+        self.level_weights = [float(w) for w in level_weights]
+        self.contrastive_loss = contrastive_loss
+        self.margin = margin
+        self.infonce_temperature = infonce_temperature
+        self.hardest_negative = hardest_negative
+        self.sum_violation_warmup_epochs = sum_violation_warmup_epochs
+        self.recon_loss_weight = recon_loss_weight
+        self.kl_loss_weight = kl_loss_weight
+        self.kl_variant = kl_variant
+        self.entropy_loss_weight = entropy_loss_weight
+        self.keep_ratio_loss_weight = keep_ratio_loss_weight
+        self.keep_ratio_target = keep_ratio_target
+        self.logvar_min = logvar_min
+        self.logvar_max = logvar_max
+        self.similarity_negative_slope = similarity_negative_slope
+        self.region_prompt_scale_init = region_prompt_scale_init
+        self.region_prompt_bias_init = region_prompt_bias_init
+        self.vision_num_prefix_tokens = vision_num_prefix_tokens
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self.validate_grm()
+
+    @property
+    def uses_region_features(self) -> bool:
+        """True when the image side is precomputed region features (no vision tower)."""
+        return self.region_feature_dim is not None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Non-spatial tokens at the start of the vision sequence (0 for region features)."""
+        if self.vision_config is None:
+            return 0
+        if self.vision_num_prefix_tokens is not None:
+            return self.vision_num_prefix_tokens
+        registers = getattr(self.vision_config, "num_register_tokens", 0) or 0
+        return VISION_PREFIX_TOKENS.get(self.vision_config.model_type, 0) + registers
+
+    def validate_grm(self) -> None:
+        """Raise `ValueError` naming the field and value of the first invalid GRM setting."""
+        if self.text_config is None:
+            raise ValueError(
+                "text_config is required: a dict with 'model_type' such as {'model_type': 'bert'}"
+            )
+        if (self.vision_config is None) == (self.region_feature_dim is None):
+            raise ValueError(
+                "give exactly one image input: vision_config (a vision tower) or region_feature_dim "
+                f"(precomputed regions); got vision_config={'set' if self.vision_config else None}, "
+                f"region_feature_dim={self.region_feature_dim!r}"
+            )
+        positive_ints = {"embed_dim": self.embed_dim, "num_regions": self.num_regions}
+        if self.region_feature_dim is not None:
+            positive_ints["region_feature_dim"] = self.region_feature_dim
+        for name, value in positive_ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        positive_floats = {
+            "gumbel_temperature": self.gumbel_temperature,
+            "infonce_temperature": self.infonce_temperature,
+            "adapter_hidden_ratio": self.adapter_hidden_ratio,
+        }
+        for name, value in positive_floats.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        non_negative = {
+            "margin": self.margin,
+            "recon_loss_weight": self.recon_loss_weight,
+            "kl_loss_weight": self.kl_loss_weight,
+            "entropy_loss_weight": self.entropy_loss_weight,
+            "keep_ratio_loss_weight": self.keep_ratio_loss_weight,
+            "similarity_negative_slope": self.similarity_negative_slope,
+            "sum_violation_warmup_epochs": self.sum_violation_warmup_epochs,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if len(self.level_weights) != 3 or any(w < 0 for w in self.level_weights):
+            raise ValueError(
+                f"level_weights must be three non-negative weights (original, key, uncertainty), "
+                f"got {self.level_weights!r}"
+            )
+        if sum(self.level_weights) <= 0:
+            raise ValueError(f"level_weights must not sum to 0, got {self.level_weights!r}")
+        if self.contrastive_loss not in _CONTRASTIVE_LOSSES:
+            raise ValueError(
+                f"contrastive_loss must be one of {_CONTRASTIVE_LOSSES}, got {self.contrastive_loss!r}"
+            )
+        if self.kl_variant not in _KL_VARIANTS:
+            raise ValueError(f"kl_variant must be one of {_KL_VARIANTS}, got {self.kl_variant!r}")
+        if not 0.0 <= self.keep_ratio_target <= 1.0:
+            raise ValueError(f"keep_ratio_target must be in [0, 1], got {self.keep_ratio_target!r}")
+        if not self.logvar_min < self.logvar_max:
+            raise ValueError(
+                f"logvar_min must be < logvar_max, got logvar_min={self.logvar_min!r}, logvar_max={self.logvar_max!r}"
+            )
+        if self.vision_num_prefix_tokens is not None and self.vision_num_prefix_tokens < 0:
+            raise ValueError(f"vision_num_prefix_tokens must be >= 0, got {self.vision_num_prefix_tokens!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise, turning the tower configs into dicts with their `model_type`."""
+        output = super().to_dict()
+        for key in ("vision_config", "text_config"):
+            sub = getattr(self, key)
+            if sub is not None:
+                output[key] = sub.to_dict()
+                output[key].pop("transformers_version", None)
+        return output

@@ -1,0 +1,472 @@
+"""GRM as a Transformers model: towers, projections, the GRM modules, scoring and the losses.
+
+Data flow (B batch, L tokens, K regions, d = `config.embed_dim`):
+
+    image → vision tower (or precomputed regions) → Linear → V [B, L_v, d] → significance adapter → A_V
+    caption → text tower → Linear → T [B, L_t, d] → granularity adapter → A_T
+    V̂ = V ⊙ A_V → region prompting → Â [B, L_v, K], μ [B, K, d] → φ → log σ², U [B, K, d]
+    score = a·sim(T, V) + b·sim(T̂, V̂) + c·sim(T̂, U)
+
+The image branch never sees the caption, so galleries are encoded once (`encode_image`, `encode_text`)
+and only `score` is pairwise. This module and its `*_granalign.py` siblings travel to the Hub with a
+checkpoint (`trust_remote_code`), so they import only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from .configuration_granalign import GranAlignConfig
+from .layers_granalign import RegionPrompting, RegionUncertainty, TokenAdapter
+from .losses_granalign import (
+    hinge_triplet_loss,
+    infonce_loss,
+    keep_ratio_loss,
+    kl_to_standard_normal,
+    positive_pair_mask,
+    prompt_usage_negative_entropy,
+    semantic_consistency_loss,
+)
+from .outputs_granalign import (
+    GranAlignImageOutput,
+    GranAlignLoss,
+    GranAlignOutput,
+    GranAlignTextOutput,
+    concat_image_outputs,
+    concat_text_outputs,
+)
+from .scoring_granalign import code_images, code_texts, level_similarities
+
+__all__ = [
+    "GranAlignModel",
+    "GranAlignPreTrainedModel",
+    "concat_image_outputs",
+    "concat_text_outputs",
+]
+
+LEVEL_NAMES = ("original", "key", "uncertainty")
+
+
+# Layers that act only on a tower's pooled output (GRM uses the token outputs), per model type.
+# (Older transformers nest CLIP/SigLIP towers one level deeper, under `vision_model`.)
+_POOLED_ONLY_LAYERS: dict[str, tuple[str, ...]] = {
+    "clip_vision_model": ("post_layernorm", "vision_model.post_layernorm"),
+    "siglip_vision_model": ("head", "vision_model.head"),
+    "convnext": ("layernorm",),
+    "convnextv2": ("layernorm",),
+}
+
+
+def _drop_pooling_head(tower: nn.Module) -> nn.Module:
+    """Remove the layers a tower applies only to its pooled output.
+
+    GRM consumes token outputs, and weights that never receive a gradient break DDP and waste memory.
+    Masked-image-modelling tokens (ViT/DINOv2 `mask_token`) stay, for checkpoint compatibility, but frozen.
+    """
+    for name, parameter in tower.named_parameters():
+        if name.rpartition(".")[2] == "mask_token":
+            parameter.requires_grad_(False)
+    if isinstance(getattr(tower, "pooler", None), nn.Module) and any(True for _ in tower.pooler.parameters()):
+        tower.pooler = None
+    for path in _POOLED_ONLY_LAYERS.get(tower.config.model_type, ()):
+        parent_path, _, name = path.rpartition(".")
+        parent = getattr(tower, parent_path, None) if parent_path else tower
+        if isinstance(getattr(parent, name, None), nn.Module):
+            setattr(parent, name, nn.Identity())
+    return tower
+
+
+def _pop_prefixed(kwargs: dict, prefix: str) -> dict:
+    """Remove and return the entries of `kwargs` whose key starts with `prefix`, without the prefix."""
+    return {key.removeprefix(prefix): kwargs.pop(key) for key in list(kwargs) if key.startswith(prefix)}
+
+
+def _masked_unit_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Unit global embedding `[B, d]`: weighted mean of unit tokens `[B, L, d]` with weights `[B, L]`."""
+    weights = weights.to(tokens.dtype).unsqueeze(-1)
+    mean = (F.normalize(tokens, dim=-1) * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+    return F.normalize(mean, dim=-1)
+
+
+class GranAlignPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the Transformers plumbing shared by GRM models."""
+
+    config_class = GranAlignConfig
+    base_model_prefix = "granalign"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, RegionPrompting):
+            nn.init.normal_(module.prompts, mean=0.0, std=1.0)
+            nn.init.constant_(module.logit_scale, self.config.region_prompt_scale_init)
+            nn.init.constant_(module.logit_bias, self.config.region_prompt_bias_init)
+
+
+class GranAlignModel(GranAlignPreTrainedModel):
+    r"""GRM: granularity-aware and region-uncertain fine-grained image-text alignment.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from granalign import GranAlignConfig, GranAlignModel
+    >>> config = GranAlignConfig(
+    ...     region_feature_dim=16, embed_dim=32, num_regions=3,
+    ...     text_config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
+    ...                  "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 50})
+    >>> model = GranAlignModel(config).eval()
+    >>> images = model.encode_image(region_features=torch.randn(4, 6, 16))
+    >>> texts = model.encode_text(torch.randint(5, 50, (8, 7)))
+    >>> model.score(images, texts).shape
+    torch.Size([4, 8])
+    ```
+    """
+
+    def __init__(self, config: GranAlignConfig) -> None:
+        super().__init__(config)
+        d = config.embed_dim
+        if config.uses_region_features:
+            self.vision_model = None
+            vision_width = config.region_feature_dim
+        else:
+            self.vision_model = _drop_pooling_head(AutoModel.from_config(config.vision_config))
+            vision_width = self._tower_width(config.vision_config)
+        self.text_model = _drop_pooling_head(AutoModel.from_config(config.text_config))
+        self.visual_projection = nn.Linear(vision_width, d)
+        self.text_projection = nn.Linear(self._tower_width(config.text_config), d)
+        adapter_width = max(1, int(d * config.adapter_hidden_ratio))
+        self.significance_adapter = TokenAdapter(d, adapter_width, config.gumbel_temperature)
+        self.granularity_adapter = TokenAdapter(d, adapter_width, config.gumbel_temperature)
+        self.region_prompting = RegionPrompting(
+            d, config.num_regions, config.region_prompt_scale_init, config.region_prompt_bias_init
+        )
+        self.region_uncertainty = RegionUncertainty(d, config.logvar_min, config.logvar_max)
+        self.post_init()
+
+    @staticmethod
+    def _tower_width(tower_config: AutoConfig) -> int:
+        """Width of a tower's last hidden state (hidden_size, or the last stage of Swin/ConvNeXt)."""
+        for name in ("hidden_size", "embed_dim"):
+            width = getattr(tower_config, name, None)
+            if isinstance(width, int) and getattr(tower_config, "model_type", "") not in ("swin", "swinv2"):
+                return width
+        if getattr(tower_config, "hidden_sizes", None):
+            return tower_config.hidden_sizes[-1]
+        if tower_config.model_type in ("swin", "swinv2", "donut-swin", "maskformer-swin"):
+            return int(tower_config.embed_dim * 2 ** (len(tower_config.depths) - 1))
+        raise ValueError(f"cannot tell the output width of a {tower_config.model_type!r} tower")
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str | None,
+        text_model_name_or_path: str,
+        **config_kwargs,
+    ) -> GranAlignModel:
+        """Compose pretrained towers with freshly initialised GRM parts.
+
+        Pass `None` as the vision tower together with `region_feature_dim=...` for precomputed regions.
+        Keyword arguments prefixed `vision_kw_` / `text_kw_` go to the towers' `from_pretrained` (e.g.
+        `text_kw_revision="main"`); the rest are `GranAlignConfig` fields.
+        """
+        vision_kwargs = _pop_prefixed(config_kwargs, "vision_kw_")
+        text_kwargs = _pop_prefixed(config_kwargs, "text_kw_")
+        text_model = AutoModel.from_pretrained(text_model_name_or_path, **text_kwargs)
+        vision_model = None
+        if vision_model_name_or_path is not None:
+            tower_config = AutoConfig.from_pretrained(vision_model_name_or_path, **vision_kwargs)
+            # a CLIP/SigLIP-style dual encoder: load its image tower only
+            tower_config = getattr(tower_config, "vision_config", None) or tower_config
+            vision_model = AutoModel.from_pretrained(
+                vision_model_name_or_path, config=tower_config, **vision_kwargs
+            )
+            config_kwargs["vision_config"] = vision_model.config
+        config = GranAlignConfig(text_config=text_model.config, **config_kwargs)
+        model = cls(config)
+        model.text_model.load_state_dict(_drop_pooling_head(text_model).state_dict())
+        if vision_model is not None:
+            model.vision_model.load_state_dict(_drop_pooling_head(vision_model).state_dict())
+        return model
+
+    # ------------------------------------------------------------------ encoders
+
+    def _vision_tokens(
+        self,
+        pixel_values: torch.Tensor | None,
+        region_features: torch.Tensor | None,
+        region_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image tokens before projection `[B, L_v, h]`, their mask and spatial mask `[B, L_v]`."""
+        if self.vision_model is None:
+            if region_features is None:
+                raise ValueError(
+                    "this model takes precomputed region features: pass region_features [B, N, "
+                    f"{self.config.region_feature_dim}] (and region_mask [B, N]), not pixel_values"
+                )
+            if region_features.dim() != 3 or region_features.shape[-1] != self.config.region_feature_dim:
+                raise ValueError(
+                    f"region_features must be [B, N, {self.config.region_feature_dim}], "
+                    f"got {list(region_features.shape)}"
+                )
+            if region_mask is None:
+                region_mask = torch.ones(
+                    region_features.shape[:2], dtype=torch.long, device=region_features.device
+                )
+            if not bool((region_mask.sum(1) > 0).all()):
+                raise ValueError("every image needs at least one region: a row of region_mask is all zeros")
+            return region_features, region_mask, region_mask
+        if pixel_values is None:
+            raise ValueError(
+                "this model has a vision tower: pass pixel_values [B, 3, H, W], not region_features"
+            )
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be [B, C, H, W], got {list(pixel_values.shape)}")
+        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if hidden.dim() == 4:  # convolutional towers: [B, C, H, W] feature map → tokens
+            hidden = hidden.flatten(2).transpose(1, 2)
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        spatial = mask.clone()
+        spatial[:, : self.config.num_prefix_tokens] = 0
+        return hidden, mask, spatial
+
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+    ) -> GranAlignImageOutput:
+        """Encode images once: tokens, adapter mask, regions and their Gaussians (see `GranAlignImageOutput`).
+
+        Args:
+            pixel_values: `[B, 3, H, W]` for models with a vision tower.
+            region_features: `[B, N, region_feature_dim]` precomputed regions, with region_mask `[B, N]`.
+        """
+        hidden, token_mask, spatial_mask = self._vision_tokens(pixel_values, region_features, region_mask)
+        tokens = self.visual_projection(hidden.to(self.visual_projection.weight.dtype))
+        keep = self.significance_adapter(tokens, token_mask)
+        masked_tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
+        attention, normalized, means = self.region_prompting(masked_tokens, spatial_mask)
+        logvars, region_tokens = self.region_uncertainty(means, normalized)
+        usage = attention.sum(1)
+        return GranAlignImageOutput(
+            tokens=tokens,
+            token_mask=token_mask,
+            keep_weights=keep,
+            spatial_mask=spatial_mask,
+            region_attention=normalized,
+            region_means=means,
+            region_logvars=logvars,
+            region_tokens=region_tokens,
+            mixture_weights=usage / usage.sum(-1, keepdim=True).clamp_min(1e-6),
+            image_embeds=_masked_unit_mean(tokens, keep),
+        )
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> GranAlignTextOutput:
+        """Encode captions once: input_ids, attention_mask `[B, L_t]` → `GranAlignTextOutput`."""
+        if input_ids is None or input_ids.dim() != 2:
+            shape = None if input_ids is None else list(input_ids.shape)
+            raise ValueError(f"input_ids must be a [B, L] tensor, got {shape}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool((attention_mask.sum(1) > 0).all()):
+            raise ValueError("every caption needs at least one token: a row of attention_mask is all zeros")
+        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        tokens = self.text_projection(hidden)
+        keep = self.granularity_adapter(tokens, attention_mask)
+        return GranAlignTextOutput(
+            tokens=tokens,
+            token_mask=attention_mask,
+            keep_weights=keep,
+            text_embeds=_masked_unit_mean(tokens, keep),
+        )
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Unit global image embeddings `[B, d]` (CLIP-style; e.g. for a shortlist before fine scoring)."""
+        return self.encode_image(pixel_values, region_features, region_mask).image_embeds
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unit global caption embeddings `[B, d]`."""
+        return self.encode_text(input_ids, attention_mask).text_embeds
+
+    # ------------------------------------------------------------------ scoring
+
+    def level_scores(
+        self,
+        image_outputs: GranAlignImageOutput,
+        text_outputs: GranAlignTextOutput,
+        image_chunk_size: int = 16,
+        text_chunk_size: int = 256,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """The three similarity levels for all pairs → `[3, N_img, N_txt]` (float32), chunk by chunk.
+
+        Peak memory is about `image_chunk_size · L_v · text_chunk_size · L_t` cosines; `dtype` (e.g.
+        `torch.bfloat16`) sets the precision of the token products.
+        """
+        if image_chunk_size < 1 or text_chunk_size < 1:
+            raise ValueError(f"chunk sizes must be >= 1, got {image_chunk_size} and {text_chunk_size}")
+        images = code_images(
+            image_outputs.tokens,
+            image_outputs.token_mask,
+            image_outputs.keep_weights,
+            image_outputs.region_tokens,
+            dtype,
+        )
+        texts = code_texts(text_outputs.tokens, text_outputs.token_mask, text_outputs.keep_weights, dtype)
+        num_images, num_texts = images.tokens.shape[0], texts.tokens.shape[0]
+        slope = self.config.similarity_negative_slope
+        if num_images <= image_chunk_size and num_texts <= text_chunk_size:
+            return level_similarities(images, texts, slope)
+        scores = images.tokens.new_empty((3, num_images, num_texts), dtype=torch.float32)
+        for i in range(0, num_images, image_chunk_size):
+            image_chunk = type(images)(*(field[i : i + image_chunk_size] for field in images))
+            for j in range(0, num_texts, text_chunk_size):
+                text_chunk = type(texts)(*(field[j : j + text_chunk_size] for field in texts))
+                scores[:, i : i + image_chunk_size, j : j + text_chunk_size] = level_similarities(
+                    image_chunk, text_chunk, slope
+                )
+        return scores
+
+    def score(
+        self,
+        image_outputs: GranAlignImageOutput,
+        text_outputs: GranAlignTextOutput,
+        image_chunk_size: int = 16,
+        text_chunk_size: int = 256,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """GRM similarity `a·S_ori + b·S_key + c·S_unc` of every image with every caption → `[N_img, N_txt]`."""
+        levels = self.level_scores(image_outputs, text_outputs, image_chunk_size, text_chunk_size, dtype)
+        return self._combine_levels(levels)
+
+    def _combine_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        weights = torch.tensor(self.config.level_weights, dtype=levels.dtype, device=levels.device)
+        return torch.einsum("l,lnm->nm", weights, levels)
+
+    # ------------------------------------------------------------------ losses
+
+    def compute_loss(
+        self,
+        image_outputs: GranAlignImageOutput,
+        text_outputs: GranAlignTextOutput,
+        image_ids: torch.Tensor | None = None,
+        hardest_negative: bool | None = None,
+        level_scores: torch.Tensor | None = None,
+    ) -> GranAlignLoss:
+        """The full GRM objective for a batch of B aligned pairs (image i ↔ caption i).
+
+        Args:
+            image_ids: `[B]` ids; captions of the same image are not negatives of each other.
+            hardest_negative: overrides `config.hardest_negative` (False = sum of violations, for warm-up).
+            level_scores: `[3, B, B]` if already computed.
+        """
+        config = self.config
+        batch = image_outputs.tokens.shape[0]
+        if text_outputs.tokens.shape[0] != batch:
+            raise ValueError(
+                f"the loss needs aligned pairs: got {batch} images and {text_outputs.tokens.shape[0]} captions"
+            )
+        if image_ids is not None and image_ids.shape != (batch,):
+            raise ValueError(f"image_ids must have shape [{batch}], got {list(image_ids.shape)}")
+        if level_scores is None:
+            level_scores = self.level_scores(image_outputs, text_outputs, batch, batch)
+        hardest = config.hardest_negative if hardest_negative is None else hardest_negative
+        positives = positive_pair_mask(image_ids, batch, level_scores.device)
+        terms: dict[str, torch.Tensor] = {}
+        for name, scores in zip(LEVEL_NAMES, level_scores, strict=True):
+            if config.contrastive_loss == "hinge":
+                terms[f"contrastive_{name}"] = hinge_triplet_loss(scores, positives, config.margin, hardest)
+            else:
+                terms[f"contrastive_{name}"] = infonce_loss(scores, positives, config.infonce_temperature)
+        masked_tokens = image_outputs.tokens * image_outputs.keep_weights.unsqueeze(-1)
+        terms["recon"] = semantic_consistency_loss(
+            image_outputs.region_means, masked_tokens, image_outputs.spatial_mask
+        )
+        terms["kl"] = kl_to_standard_normal(
+            image_outputs.region_means,
+            image_outputs.region_logvars,
+            variance_only=config.kl_variant == "variance",
+        )
+        terms["entropy"] = prompt_usage_negative_entropy(image_outputs.mixture_weights)
+        terms["keep_ratio"] = keep_ratio_loss(
+            image_outputs.keep_weights, image_outputs.token_mask, config.keep_ratio_target
+        ) + keep_ratio_loss(text_outputs.keep_weights, text_outputs.token_mask, config.keep_ratio_target)
+        weights = {
+            **{f"contrastive_{name}": w for name, w in zip(LEVEL_NAMES, config.level_weights, strict=True)},
+            "recon": config.recon_loss_weight,
+            "kl": config.kl_loss_weight,
+            "entropy": config.entropy_loss_weight,
+            "keep_ratio": config.keep_ratio_loss_weight,
+        }
+        loss = sum(weights[name] * term.float() for name, term in terms.items())
+        return GranAlignLoss(loss=loss, terms={name: term.detach() for name, term in terms.items()})
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        hardest_negative: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> GranAlignOutput | tuple:
+        """Score every image of the batch against every caption, and optionally compute the loss.
+
+        Args:
+            input_ids, attention_mask: `[B_txt, L_t]` tokenised captions.
+            pixel_values: `[B_img, 3, H, W]`, or region_features `[B_img, N, D]` with region_mask `[B_img, N]`.
+            image_ids: `[B]` image ids for the loss (same id: not a negative).
+            return_loss: compute the GRM objective; needs B_img == B_txt aligned pairs.
+            hardest_negative: overrides `config.hardest_negative` for this call.
+        """
+        image_outputs = self.encode_image(pixel_values, region_features, region_mask)
+        text_outputs = self.encode_text(input_ids, attention_mask)
+        num_images, num_texts = image_outputs.tokens.shape[0], text_outputs.tokens.shape[0]
+        levels = self.level_scores(image_outputs, text_outputs, max(num_images, 1), max(num_texts, 1))
+        logits_per_image = self._combine_levels(levels)
+        loss = loss_terms = None
+        if return_loss:
+            objective = self.compute_loss(image_outputs, text_outputs, image_ids, hardest_negative, levels)
+            loss, loss_terms = objective.loss, objective.terms
+        output = GranAlignOutput(
+            loss=loss,
+            loss_terms=loss_terms,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            level_scores=levels,
+            text_embeds=text_outputs.text_embeds,
+            image_embeds=image_outputs.image_embeds,
+            text_outputs=text_outputs,
+            image_outputs=image_outputs,
+        )
+        use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return output if use_dict else output.to_tuple()

@@ -1,0 +1,179 @@
+"""Fine-grained image-text similarity: masked bidirectional token max-pooling, chunked over pairs.
+
+For caption tokens `x_i` with weights `a_i` and image tokens `y_j` with weights `b_j`,
+`s_ij = LeakyReLU(a_i b_j cos(x_i, y_j))` and
+
+    sim = Σ_i a_i max_j s_ij / Σ_i a_i  +  Σ_j b_j max_i s_ij / Σ_j b_j,
+
+with padding excluded from both the maxima and the means. Three levels share this pooling:
+`original` (a, b = 1 on real tokens), `key` (a, b = the adapters' keep probabilities) and `uncertainty`
+(caption tokens with their keep probabilities against the K region tokens, b = 1).
+
+The work is split into a *coding* step, done once per item (normalise, append two masking coordinates),
+and a *pooling* step on chunks of items: one matrix product gives every token cosine of a chunk of
+images against a chunk of captions, `[n_img, L_v, n_txt, L_t]`, so memory is bounded by the chunk sizes.
+The original and key levels share that product: as the weights are non-negative scalars,
+`max_j a_i b_j c_ij = a_i · max_j b_j c_ij`. Travels to the Hub with a checkpoint: imports only torch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CodedImages",
+    "CodedTexts",
+    "code_images",
+    "code_texts",
+    "level_similarities",
+    "pooled_similarity",
+]
+
+# Added to the cosine of a padding token so it never wins a max (cosines lie in [-1, 1]); fits in fp16.
+_PADDING_PENALTY = 1e4
+
+
+class CodedImages(NamedTuple):
+    """Image side ready for pooling. N images, L_v tokens, K regions, d + 2 coded features."""
+
+    tokens: torch.Tensor  # [N, L_v, d + 2] unit tokens + (padding penalty, 1)
+    weights: torch.Tensor  # [N, L_v] keep probabilities, 0 at padding
+    scales: torch.Tensor  # [N, L_v] keep probabilities, 1 at padding (keeps the penalty intact)
+    valid: torch.Tensor  # [N, L_v] 1 for real tokens
+    regions: torch.Tensor  # [N, K, d + 2] unit region tokens + (0, 1)
+
+
+class CodedTexts(NamedTuple):
+    """Caption side ready for pooling. M captions, L_t tokens, d + 2 coded features."""
+
+    tokens: torch.Tensor  # [M, L_t, d + 2] unit tokens + (1, padding penalty)
+    weights: torch.Tensor  # [M, L_t] keep probabilities, 0 at padding
+    scales: torch.Tensor  # [M, L_t] keep probabilities, 1 at padding
+    valid: torch.Tensor  # [M, L_t] 1 for real tokens
+
+
+def _code(
+    tokens: torch.Tensor, valid: torch.Tensor, image_side: bool, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """Unit-normalise `[N, L, d]` tokens and append the two masking coordinates → `[N, L, d + 2]`.
+
+    An image token carries `(−P·[padding], 1)` and a caption token `(1, −P·[padding])`, so the dot product
+    of two coded tokens is their cosine minus P for each padding token involved.
+    """
+    unit = F.normalize(tokens.float(), dim=-1)
+    penalty = (1.0 - valid.float()).unsqueeze(-1) * -_PADDING_PENALTY
+    ones = torch.ones_like(penalty)
+    coded = torch.cat([unit, penalty, ones] if image_side else [unit, ones, penalty], dim=-1)
+    return coded.to(dtype) if dtype is not None else coded
+
+
+def code_images(
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    keep_weights: torch.Tensor,
+    region_tokens: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> CodedImages:
+    """Code the image side: tokens `[N, L_v, d]`, mask and keep weights `[N, L_v]`, regions `[N, K, d]`."""
+    valid = token_mask.float()
+    weights = keep_weights.float() * valid
+    regions_valid = torch.ones(region_tokens.shape[:2], device=region_tokens.device)
+    return CodedImages(
+        tokens=_code(tokens, valid, image_side=True, dtype=dtype),
+        weights=weights,
+        scales=torch.where(valid > 0, weights, torch.ones_like(weights)),
+        valid=valid,
+        regions=_code(region_tokens, regions_valid, image_side=True, dtype=dtype),
+    )
+
+
+def code_texts(
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    keep_weights: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> CodedTexts:
+    """Code the caption side: tokens `[M, L_t, d]`, mask and keep weights `[M, L_t]`."""
+    valid = token_mask.float()
+    weights = keep_weights.float() * valid
+    return CodedTexts(
+        tokens=_code(tokens, valid, image_side=False, dtype=dtype),
+        weights=weights,
+        scales=torch.where(valid > 0, weights, torch.ones_like(weights)),
+        valid=valid,
+    )
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
+    return (values * weights).sum(dim) / weights.sum(dim).clamp_min(1e-6)
+
+
+def pooled_similarity(
+    cosine: torch.Tensor,
+    image_weights: torch.Tensor,
+    text_weights: torch.Tensor,
+    negative_slope: float,
+    image_scales: torch.Tensor | None = None,
+    text_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bidirectional max-pooling of one chunk's token cosines.
+
+    Args:
+        cosine: `[n, L_v, m, L_t]` cosines, padding pairs pushed below −1.
+        image_weights: `[n, L_v]` weights b of the image-side mean (0 at padding).
+        text_weights: `[m, L_t]` weights a of the caption-side mean (0 at padding).
+        negative_slope: LeakyReLU slope.
+        image_scales, text_scales: per-token feature scales (the soft masks, 1 at padding), or `None` for 1.
+
+    Returns:
+        `[n, m]` similarities (float32).
+    """
+    scaled = cosine if image_scales is None else cosine * image_scales[:, :, None, None]
+    text_best = scaled.amax(dim=1).float()  # [n, m, L_t]: best image token for each caption token
+    if text_scales is not None:
+        text_best = text_best * text_scales
+    scaled = cosine if text_scales is None else cosine * text_scales.to(cosine.dtype)
+    image_best = scaled.amax(dim=3).float()  # [n, L_v, m]: best caption token for each image token
+    if image_scales is not None:
+        image_best = image_best * image_scales[:, :, None]
+    text_term = _weighted_mean(F.leaky_relu(text_best, negative_slope), text_weights, dim=-1)
+    image_term = _weighted_mean(F.leaky_relu(image_best, negative_slope), image_weights[:, :, None], dim=1)
+    return text_term + image_term
+
+
+def _pairwise_cosine(image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+    """`[n, L_v, d + 2]` × `[m, L_t, d + 2]` coded tokens → `[n, L_v, m, L_t]` in one matrix product."""
+    n, length_v, dim = image_tokens.shape
+    m, length_t, _ = text_tokens.shape
+    flat = image_tokens.reshape(n * length_v, dim) @ text_tokens.reshape(m * length_t, dim).t()
+    return flat.view(n, length_v, m, length_t)
+
+
+def level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: float) -> torch.Tensor:
+    """The three GRM similarity levels for every image-caption pair of one chunk → `[3, n, m]`.
+
+    Rows are `original`, `key` and `uncertainty`. Memory: `n · L_v · m · L_t` cosines.
+    """
+    cosine = _pairwise_cosine(images.tokens, texts.tokens)
+    original = pooled_similarity(cosine, images.valid, texts.valid, negative_slope)
+    key = pooled_similarity(
+        cosine,
+        images.weights,
+        texts.weights,
+        negative_slope,
+        image_scales=images.scales.to(cosine.dtype),
+        text_scales=texts.scales,
+    )
+    del cosine
+    region_cosine = _pairwise_cosine(images.regions, texts.tokens)
+    uncertainty = pooled_similarity(
+        region_cosine,
+        torch.ones(region_cosine.shape[:2], device=region_cosine.device),
+        texts.weights,
+        negative_slope,
+        text_scales=texts.scales,
+    )
+    return torch.stack([original, key, uncertainty])

