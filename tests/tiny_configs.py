@@ -118,3 +118,20 @@ def text_inputs(batch: int, length: int = 9, seed: int = 0) -> dict[str, torch.T
         attention_mask[row, length - (row % 4) :] = 0
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+WORDS = (
+    "a an the red green blue yellow purple orange circle square triangle star cross small large big "
+    "left right above below of to and on in with two three dog cat photo picture"
+).split()
+
+
+def tiny_tokenizer(directory):
+    """A BERT WordPiece tokenizer over a few dozen words (ids < VOCAB_SIZE), built offline."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    assert len(vocab) <= VOCAB_SIZE
+    path = directory / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(path))

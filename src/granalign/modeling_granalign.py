@@ -101,6 +101,15 @@ class GranAlignPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; a model registered for remote code also maps the zero-shot pipeline's auto class."""
+        if getattr(self, "_auto_class", None) is not None:
+            module = self.__class__.__module__.rpartition(".")[2]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModelForZeroShotImageClassification"] = f"{module}.{self.__class__.__name__}"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
