@@ -131,7 +131,6 @@ def test_loss_terms_and_same_image_captions_are_not_negatives():
         "recon",
         "kl",
         "entropy",
-        "keep_ratio",
     }
     assert set(output.loss_terms) == expected
     assert grouped.loss_terms["contrastive_key"] <= output.loss_terms["contrastive_key"]
@@ -257,3 +256,60 @@ def test_image_outputs_are_batch_first_for_gathering():
         image = model.encode_image(**image_inputs("vit", batch=3))
     assert isinstance(image, GranAlignImageOutput)
     assert all(value.shape[0] == 3 for value in image.values())
+
+
+ABLATIONS = {
+    "no_significance_adapter": {"use_significance_adapter": False},
+    "no_granularity_adapter": {"use_granularity_adapter": False},
+    "no_region_prompting": {"use_region_prompting": False},
+    "no_uncertainty": {"use_uncertainty": False},
+    "global_baseline": {
+        "use_significance_adapter": False,
+        "use_granularity_adapter": False,
+        "use_region_prompting": False,
+        "similarity_pooling": "mean",
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_ablations_train_every_parameter_they_build(name):
+    model = tiny_model("vit", **ABLATIONS[name]).train()
+    output = model(**image_inputs("vit", batch=4), **text_inputs(batch=4), return_loss=True)
+    output.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    assert torch.isfinite(output.logits_per_image).all()
+
+
+def test_switched_off_parts_are_not_built_and_not_used():
+    model = tiny_model("vit", use_significance_adapter=False, use_region_prompting=False).eval()
+    assert model.significance_adapter is None and model.region_prompting is None
+    assert model.region_uncertainty is None and model.granularity_adapter is not None
+    with torch.no_grad():
+        output = model(**image_inputs("vit", batch=3), **text_inputs(batch=3), return_loss=True)
+    image = output.image_outputs
+    assert torch.equal(image.keep_weights, image.token_mask.float())
+    assert image.region_means is None and image.region_tokens is None
+    assert torch.equal(output.level_scores[2], torch.zeros(3, 3))
+    assert set(output.loss_terms) == {"contrastive_original", "contrastive_key"}
+
+
+def test_without_uncertainty_regions_are_their_means_in_training():
+    model = tiny_model("vit", use_uncertainty=False).train()
+    image = model.encode_image(**image_inputs("vit", batch=2))
+    assert image.region_logvars is None
+    torch.testing.assert_close(image.region_tokens, image.region_means, rtol=0, atol=0)
+
+
+def test_mean_pooling_scores_are_cosines_of_global_embeddings():
+    model = tiny_model("vit", **ABLATIONS["global_baseline"]).eval()
+    with torch.no_grad():
+        output = model(**image_inputs("vit", batch=3), **text_inputs(batch=4))
+    expected = output.image_embeds @ output.text_embeds.t()
+    torch.testing.assert_close(output.level_scores[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output.logits_per_image, 0.8 * expected, atol=1e-5, rtol=1e-5)
+
+
+def test_level_weights_cannot_vanish_with_regions_off():
+    with pytest.raises(ValueError, match="uncertainty level is off with region prompting"):
+        tiny_model("vit", use_region_prompting=False, level_weights=(0.0, 0.0, 1.0))

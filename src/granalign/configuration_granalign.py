@@ -32,6 +32,7 @@ VISION_PREFIX_TOKENS: dict[str, int] = {
 
 _CONTRASTIVE_LOSSES = ("hinge", "infonce")
 _KL_VARIANTS = ("full", "variance")
+_POOLINGS = ("token_max", "mean")
 
 
 def _resolve_subconfig(name: str, value: Any) -> PreTrainedConfig | None:
@@ -90,6 +91,14 @@ class GranAlignConfig(PreTrainedConfig):
         vision_num_prefix_tokens (`int`, *optional*): tokens before the spatial ones ([CLS], registers) that
             region prompting skips; inferred from the vision tower's `model_type` when `None`.
         initializer_range (`float`, defaults to 0.02): std of the normal init of new layers.
+        use_significance_adapter (`bool`, defaults to True) / use_granularity_adapter (`bool`, defaults to
+            True): ablation switches; off, every real token is kept (A = 1).
+        use_region_prompting (`bool`, defaults to True): ablation switch; off, there are no regions, no
+            uncertainty level (its weight c is dropped) and no region losses.
+        use_uncertainty (`bool`, defaults to True): ablation switch; off, region tokens are their means in
+            training too and there is no KL term.
+        similarity_pooling (`str`, defaults to "token_max"): "token_max" (bidirectional token max-pooling)
+            or "mean" (cosine of keep-weighted mean embeddings: the global dual-encoder baseline).
 
     Example:
     ```python
@@ -134,6 +143,11 @@ class GranAlignConfig(PreTrainedConfig):
         region_prompt_bias_init: float = -5.0,
         vision_num_prefix_tokens: int | None = None,
         initializer_range: float = 0.02,
+        use_significance_adapter: bool = True,
+        use_granularity_adapter: bool = True,
+        use_region_prompting: bool = True,
+        use_uncertainty: bool = True,
+        similarity_pooling: str = "token_max",
         **kwargs: Any,
     ) -> None:
         self.vision_config = _resolve_subconfig("vision_config", vision_config)
@@ -162,6 +176,11 @@ class GranAlignConfig(PreTrainedConfig):
         self.region_prompt_bias_init = region_prompt_bias_init
         self.vision_num_prefix_tokens = vision_num_prefix_tokens
         self.initializer_range = initializer_range
+        self.use_significance_adapter = use_significance_adapter
+        self.use_granularity_adapter = use_granularity_adapter
+        self.use_region_prompting = use_region_prompting
+        self.use_uncertainty = use_uncertainty
+        self.similarity_pooling = similarity_pooling
         super().__init__(**kwargs)
         self.validate_grm()
 
@@ -179,6 +198,12 @@ class GranAlignConfig(PreTrainedConfig):
             return self.vision_num_prefix_tokens
         registers = getattr(self.vision_config, "num_register_tokens", 0) or 0
         return VISION_PREFIX_TOKENS.get(self.vision_config.model_type, 0) + registers
+
+    @property
+    def effective_level_weights(self) -> list[float]:
+        """(a, b, c), with c = 0 when region prompting is switched off."""
+        a, b, c = self.level_weights
+        return [a, b, c if self.use_region_prompting else 0.0]
 
     def validate_grm(self) -> None:
         """Raise `ValueError` naming the field and value of the first invalid GRM setting."""
@@ -223,8 +248,19 @@ class GranAlignConfig(PreTrainedConfig):
                 f"level_weights must be three non-negative weights (original, key, uncertainty), "
                 f"got {self.level_weights!r}"
             )
-        if sum(self.level_weights) <= 0:
-            raise ValueError(f"level_weights must not sum to 0, got {self.level_weights!r}")
+        if sum(self.effective_level_weights) <= 0:
+            raise ValueError(
+                f"level_weights must not sum to 0, got {self.level_weights!r}"
+                + (
+                    ""
+                    if self.use_region_prompting
+                    else " (the uncertainty level is off with region prompting)"
+                )
+            )
+        if self.similarity_pooling not in _POOLINGS:
+            raise ValueError(
+                f"similarity_pooling must be one of {_POOLINGS}, got {self.similarity_pooling!r}"
+            )
         if self.contrastive_loss not in _CONTRASTIVE_LOSSES:
             raise ValueError(
                 f"contrastive_loss must be one of {_CONTRASTIVE_LOSSES}, got {self.contrastive_loss!r}"

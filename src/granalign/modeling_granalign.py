@@ -38,7 +38,7 @@ from .outputs_granalign import (
     concat_image_outputs,
     concat_text_outputs,
 )
-from .scoring_granalign import code_images, code_texts, level_similarities
+from .scoring_granalign import code_images, code_texts, level_similarities, mean_pooled_similarities
 
 __all__ = [
     "GranAlignModel",
@@ -82,6 +82,15 @@ def _drop_pooling_head(tower: nn.Module) -> nn.Module:
 def _pop_prefixed(kwargs: dict, prefix: str) -> dict:
     """Remove and return the entries of `kwargs` whose key starts with `prefix`, without the prefix."""
     return {key.removeprefix(prefix): kwargs.pop(key) for key in list(kwargs) if key.startswith(prefix)}
+
+
+def _keep_weights(
+    adapter: TokenAdapter | None, tokens: torch.Tensor, token_mask: torch.Tensor
+) -> torch.Tensor:
+    """An adapter's keep probabilities `[B, L]`, or the plain token mask when the adapter is switched off."""
+    if adapter is None:
+        return token_mask.float()
+    return adapter(tokens, token_mask)
 
 
 def _masked_unit_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -158,12 +167,24 @@ class GranAlignModel(GranAlignPreTrainedModel):
         self.visual_projection = nn.Linear(vision_width, d)
         self.text_projection = nn.Linear(self._tower_width(config.text_config), d)
         adapter_width = max(1, int(d * config.adapter_hidden_ratio))
-        self.significance_adapter = TokenAdapter(d, adapter_width, config.gumbel_temperature)
-        self.granularity_adapter = TokenAdapter(d, adapter_width, config.gumbel_temperature)
-        self.region_prompting = RegionPrompting(
-            d, config.num_regions, config.region_prompt_scale_init, config.region_prompt_bias_init
+        # Parts switched off for ablations are not built, so every parameter of a model is trained.
+        self.significance_adapter = (
+            TokenAdapter(d, adapter_width, config.gumbel_temperature)
+            if config.use_significance_adapter
+            else None
         )
-        self.region_uncertainty = RegionUncertainty(d, config.logvar_min, config.logvar_max)
+        self.granularity_adapter = (
+            TokenAdapter(d, adapter_width, config.gumbel_temperature)
+            if config.use_granularity_adapter
+            else None
+        )
+        self.region_prompting = self.region_uncertainty = None
+        if config.use_region_prompting:
+            self.region_prompting = RegionPrompting(
+                d, config.num_regions, config.region_prompt_scale_init, config.region_prompt_bias_init
+            )
+            if config.use_uncertainty:
+                self.region_uncertainty = RegionUncertainty(d, config.logvar_min, config.logvar_max)
         self.post_init()
 
     @staticmethod
@@ -266,23 +287,24 @@ class GranAlignModel(GranAlignPreTrainedModel):
         """
         hidden, token_mask, spatial_mask = self._vision_tokens(pixel_values, region_features, region_mask)
         tokens = self.visual_projection(hidden.to(self.visual_projection.weight.dtype))
-        keep = self.significance_adapter(tokens, token_mask)
-        masked_tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
-        attention, normalized, means = self.region_prompting(masked_tokens, spatial_mask)
-        logvars, region_tokens = self.region_uncertainty(means, normalized)
-        usage = attention.sum(1)
-        return GranAlignImageOutput(
+        keep = _keep_weights(self.significance_adapter, tokens, token_mask)
+        output = GranAlignImageOutput(
             tokens=tokens,
             token_mask=token_mask,
             keep_weights=keep,
             spatial_mask=spatial_mask,
-            region_attention=normalized,
-            region_means=means,
-            region_logvars=logvars,
-            region_tokens=region_tokens,
-            mixture_weights=usage / usage.sum(-1, keepdim=True).clamp_min(1e-6),
             image_embeds=_masked_unit_mean(tokens, keep),
         )
+        if self.region_prompting is None:
+            return output
+        masked_tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
+        attention, normalized, means = self.region_prompting(masked_tokens, spatial_mask)
+        output.region_attention, output.region_means, output.region_tokens = normalized, means, means
+        if self.region_uncertainty is not None:
+            output.region_logvars, output.region_tokens = self.region_uncertainty(means, normalized)
+        usage = attention.sum(1)
+        output.mixture_weights = usage / usage.sum(-1, keepdim=True).clamp_min(1e-6)
+        return output
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -297,7 +319,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
             raise ValueError("every caption needs at least one token: a row of attention_mask is all zeros")
         hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         tokens = self.text_projection(hidden)
-        keep = self.granularity_adapter(tokens, attention_mask)
+        keep = _keep_weights(self.granularity_adapter, tokens, attention_mask)
         return GranAlignTextOutput(
             tokens=tokens,
             token_mask=attention_mask,
@@ -345,13 +367,17 @@ class GranAlignModel(GranAlignPreTrainedModel):
             dtype,
         )
         texts = code_texts(text_outputs.tokens, text_outputs.token_mask, text_outputs.keep_weights, dtype)
+        if self.config.similarity_pooling == "mean":
+            return mean_pooled_similarities(images, texts)
         num_images, num_texts = images.tokens.shape[0], texts.tokens.shape[0]
         slope = self.config.similarity_negative_slope
         if num_images <= image_chunk_size and num_texts <= text_chunk_size:
             return level_similarities(images, texts, slope)
         scores = images.tokens.new_empty((3, num_images, num_texts), dtype=torch.float32)
         for i in range(0, num_images, image_chunk_size):
-            image_chunk = type(images)(*(field[i : i + image_chunk_size] for field in images))
+            image_chunk = type(images)(
+                *(None if field is None else field[i : i + image_chunk_size] for field in images)
+            )
             for j in range(0, num_texts, text_chunk_size):
                 text_chunk = type(texts)(*(field[j : j + text_chunk_size] for field in texts))
                 scores[:, i : i + image_chunk_size, j : j + text_chunk_size] = level_similarities(
@@ -372,7 +398,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
         return self._combine_levels(levels)
 
     def _combine_levels(self, levels: torch.Tensor) -> torch.Tensor:
-        weights = torch.tensor(self.config.level_weights, dtype=levels.dtype, device=levels.device)
+        weights = torch.tensor(self.config.effective_level_weights, dtype=levels.dtype, device=levels.device)
         return torch.einsum("l,lnm->nm", weights, levels)
 
     # ------------------------------------------------------------------ losses
@@ -405,31 +431,36 @@ class GranAlignModel(GranAlignPreTrainedModel):
         hardest = config.hardest_negative if hardest_negative is None else hardest_negative
         positives = positive_pair_mask(image_ids, batch, level_scores.device)
         terms: dict[str, torch.Tensor] = {}
-        for name, scores in zip(LEVEL_NAMES, level_scores, strict=True):
+        weights: dict[str, float] = {}
+        for name, scores, weight in zip(
+            LEVEL_NAMES, level_scores, config.effective_level_weights, strict=True
+        ):
+            if weight == 0:
+                continue
             if config.contrastive_loss == "hinge":
                 terms[f"contrastive_{name}"] = hinge_triplet_loss(scores, positives, config.margin, hardest)
             else:
                 terms[f"contrastive_{name}"] = infonce_loss(scores, positives, config.infonce_temperature)
-        masked_tokens = image_outputs.tokens * image_outputs.keep_weights.unsqueeze(-1)
-        terms["recon"] = semantic_consistency_loss(
-            image_outputs.region_means, masked_tokens, image_outputs.spatial_mask
-        )
-        terms["kl"] = kl_to_standard_normal(
-            image_outputs.region_means,
-            image_outputs.region_logvars,
-            variance_only=config.kl_variant == "variance",
-        )
-        terms["entropy"] = prompt_usage_negative_entropy(image_outputs.mixture_weights)
-        terms["keep_ratio"] = keep_ratio_loss(
-            image_outputs.keep_weights, image_outputs.token_mask, config.keep_ratio_target
-        ) + keep_ratio_loss(text_outputs.keep_weights, text_outputs.token_mask, config.keep_ratio_target)
-        weights = {
-            **{f"contrastive_{name}": w for name, w in zip(LEVEL_NAMES, config.level_weights, strict=True)},
-            "recon": config.recon_loss_weight,
-            "kl": config.kl_loss_weight,
-            "entropy": config.entropy_loss_weight,
-            "keep_ratio": config.keep_ratio_loss_weight,
-        }
+            weights[f"contrastive_{name}"] = weight
+        if image_outputs.region_means is not None:
+            masked_tokens = image_outputs.tokens * image_outputs.keep_weights.unsqueeze(-1)
+            terms["recon"] = semantic_consistency_loss(
+                image_outputs.region_means, masked_tokens, image_outputs.spatial_mask
+            )
+            terms["entropy"] = prompt_usage_negative_entropy(image_outputs.mixture_weights)
+            weights.update(recon=config.recon_loss_weight, entropy=config.entropy_loss_weight)
+        if image_outputs.region_logvars is not None:
+            terms["kl"] = kl_to_standard_normal(
+                image_outputs.region_means,
+                image_outputs.region_logvars,
+                variance_only=config.kl_variant == "variance",
+            )
+            weights["kl"] = config.kl_loss_weight
+        if config.keep_ratio_loss_weight > 0:
+            terms["keep_ratio"] = keep_ratio_loss(
+                image_outputs.keep_weights, image_outputs.token_mask, config.keep_ratio_target
+            ) + keep_ratio_loss(text_outputs.keep_weights, text_outputs.token_mask, config.keep_ratio_target)
+            weights["keep_ratio"] = config.keep_ratio_loss_weight
         loss = sum(weights[name] * term.float() for name, term in terms.items())
         return GranAlignLoss(loss=loss, terms={name: term.detach() for name, term in terms.items()})
 

@@ -29,6 +29,7 @@ __all__ = [
     "code_images",
     "code_texts",
     "level_similarities",
+    "mean_pooled_similarities",
     "pooled_similarity",
 ]
 
@@ -43,7 +44,7 @@ class CodedImages(NamedTuple):
     weights: torch.Tensor  # [N, L_v] keep probabilities, 0 at padding
     scales: torch.Tensor  # [N, L_v] keep probabilities, 1 at padding (keeps the penalty intact)
     valid: torch.Tensor  # [N, L_v] 1 for real tokens
-    regions: torch.Tensor  # [N, K, d + 2] unit region tokens + (0, 1)
+    regions: torch.Tensor | None  # [N, K, d + 2] unit region tokens + (0, 1); None without regions
 
 
 class CodedTexts(NamedTuple):
@@ -74,19 +75,22 @@ def code_images(
     tokens: torch.Tensor,
     token_mask: torch.Tensor,
     keep_weights: torch.Tensor,
-    region_tokens: torch.Tensor,
+    region_tokens: torch.Tensor | None,
     dtype: torch.dtype | None = None,
 ) -> CodedImages:
     """Code the image side: tokens `[N, L_v, d]`, mask and keep weights `[N, L_v]`, regions `[N, K, d]`."""
     valid = token_mask.float()
     weights = keep_weights.float() * valid
-    regions_valid = torch.ones(region_tokens.shape[:2], device=region_tokens.device)
+    regions = None
+    if region_tokens is not None:
+        regions_valid = torch.ones(region_tokens.shape[:2], device=region_tokens.device)
+        regions = _code(region_tokens, regions_valid, image_side=True, dtype=dtype)
     return CodedImages(
         tokens=_code(tokens, valid, image_side=True, dtype=dtype),
         weights=weights,
         scales=torch.where(valid > 0, weights, torch.ones_like(weights)),
         valid=valid,
-        regions=_code(region_tokens, regions_valid, image_side=True, dtype=dtype),
+        regions=regions,
     )
 
 
@@ -155,7 +159,8 @@ def _pairwise_cosine(image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> t
 def level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: float) -> torch.Tensor:
     """The three GRM similarity levels for every image-caption pair of one chunk → `[3, n, m]`.
 
-    Rows are `original`, `key` and `uncertainty`. Memory: `n · L_v · m · L_t` cosines.
+    Rows are `original`, `key` and `uncertainty` (zeros for a model without regions). Memory:
+    `n · L_v · m · L_t` cosines.
     """
     cosine = _pairwise_cosine(images.tokens, texts.tokens)
     original = pooled_similarity(cosine, images.valid, texts.valid, negative_slope)
@@ -168,6 +173,8 @@ def level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: f
         text_scales=texts.scales,
     )
     del cosine
+    if images.regions is None:
+        return torch.stack([original, key, torch.zeros_like(original)])
     region_cosine = _pairwise_cosine(images.regions, texts.tokens)
     uncertainty = pooled_similarity(
         region_cosine,
@@ -176,4 +183,28 @@ def level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: f
         negative_slope,
         text_scales=texts.scales,
     )
+    return torch.stack([original, key, uncertainty])
+
+
+def _mean_embedding(coded: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Unit weighted mean `[N, d]` of coded unit tokens `[N, L, d + 2]` with weights `[N, L]`."""
+    unit = coded[..., :-2].float()
+    return F.normalize(_weighted_mean(unit, weights.unsqueeze(-1), dim=1), dim=-1)
+
+
+def mean_pooled_similarities(images: CodedImages, texts: CodedTexts) -> torch.Tensor:
+    """The three levels with mean pooling instead of max pooling (the global dual-encoder baseline).
+
+    Each level is the cosine of the weighted-mean unit embeddings of both sides → `[3, n, m]`.
+    """
+    text_all, text_kept = (
+        _mean_embedding(texts.tokens, texts.valid),
+        _mean_embedding(texts.tokens, texts.weights),
+    )
+    original = _mean_embedding(images.tokens, images.valid) @ text_all.t()
+    key = _mean_embedding(images.tokens, images.weights) @ text_kept.t()
+    if images.regions is None:
+        return torch.stack([original, key, torch.zeros_like(original)])
+    regions_valid = torch.ones(images.regions.shape[:2], device=images.regions.device)
+    uncertainty = _mean_embedding(images.regions, regions_valid) @ text_kept.t()
     return torch.stack([original, key, uncertainty])

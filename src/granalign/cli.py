@@ -1,0 +1,163 @@
+"""The `granalign` command line: `train` and `evaluate` (room for `push | index | search | explain | demo`).
+
+    granalign train configs/tiny.yaml [--set train.epochs=2 ...] [--output-dir DIR] [--resume [CKPT]]
+    granalign evaluate runs/tiny/final [--dataset builtin --dataset-arg num_test=200 ...] [--split test]
+                       [--protocol all] [--output-json metrics.json]
+
+Errors in user input (a bad recipe key, an unknown dataset or protocol, a missing file) print one line
+and exit with status 2; `--debug` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_SUBCOMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _command(
+    name: str,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def register(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        _SUBCOMMANDS[name] = func
+        return func
+
+    return register
+
+
+def _parse_kv(items: Sequence[str], option: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{option} {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+@_command("train")
+def _train(args: argparse.Namespace) -> int:
+    from granalign.training.loop import train
+    from granalign.training.recipe import load_recipe
+
+    overrides = list(args.set or [])
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    recipe = load_recipe(args.recipe, overrides)
+    resume: bool | str = False
+    if args.resume is not None:
+        resume = True if args.resume == "latest" else args.resume
+    result = train(recipe, resume=resume)
+    return 0 if result.final_dir is not None or result.interrupted else 1
+
+
+@_command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from granalign.evaluation.protocols import PROTOCOLS, format_metrics_table, save_metrics_json
+    from granalign.evaluation.runner import evaluate_split
+    from granalign.modeling_granalign import GranAlignModel
+    from granalign.processing_granalign import GranAlignProcessor
+    from granalign.training.builders import get_split, load_recipe_dataset
+    from granalign.training.loop import RECIPE_FILE
+    from granalign.training.recipe import DataRecipe, load_recipe
+
+    if args.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {args.protocol!r}; known protocols: {sorted(PROTOCOLS)}")
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{str(model_dir)!r} is not a saved GranAlign model (no config.json)")
+    if args.dataset is None:  # the dataset the model was trained on, from its saved recipe
+        if not (model_dir / RECIPE_FILE).is_file():
+            raise ValueError(f"pass --dataset: {str(model_dir)!r} has no {RECIPE_FILE} to take it from")
+        data = load_recipe(model_dir / RECIPE_FILE).data
+        if args.dataset_arg:
+            data.args.update(_parse_kv(args.dataset_arg, "--dataset-arg"))
+    else:
+        data = DataRecipe(source=args.dataset, args=_parse_kv(args.dataset_arg or [], "--dataset-arg"))
+    dataset = load_recipe_dataset(data)
+    split = get_split(dataset, args.split, "--split")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = GranAlignModel.from_pretrained(model_dir).to(device)
+    processor = GranAlignProcessor.from_pretrained(model_dir)
+    result = evaluate_split(
+        model,
+        processor,
+        split,
+        args.protocol,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        check_size=not args.no_size_check,
+    )
+    print(f"{model_dir} on {data.source!r} split {args.split!r}, protocol {args.protocol!r}:")
+    print(format_metrics_table(result))
+    if args.output_json:
+        save_metrics_json(result, args.output_json)
+        print(f"wrote {args.output_json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="granalign", description="GRM fine-grained image-text alignment")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model from a recipe (YAML/JSON)")
+    train.add_argument("recipe", help="recipe file, e.g. configs/tiny.yaml")
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)"
+    )
+    train.add_argument("--output-dir", help="where checkpoints, logs and the final model go")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="resume from the latest checkpoint of the output dir, or from CHECKPOINT",
+    )
+
+    evaluate = commands.add_parser("evaluate", help="retrieval metrics of a saved model on a dataset split")
+    evaluate.add_argument("model_dir", help="a saved model directory (e.g. runs/tiny/final)")
+    evaluate.add_argument(
+        "--dataset", help="'builtin' or a source for load_alignment_dataset (default: the recipe's)"
+    )
+    evaluate.add_argument(
+        "--dataset-arg", action="append", metavar="KEY=VALUE", help="dataset builder argument"
+    )
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--protocol", default="all", help="all | flickr30k-1k | coco-1k | coco-5k")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    evaluate.add_argument("--output-json", help="write the metrics to this JSON file")
+    evaluate.add_argument(
+        "--no-size-check", action="store_true", help="allow any image count for the protocol"
+    )
+    evaluate.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `granalign` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _SUBCOMMANDS[args.command](args)
+    except (ValueError, OSError) as err:
+        if args.debug:
+            raise
+        print(f"granalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
