@@ -1,0 +1,41 @@
+"""Publishing GranAlign models on the Hugging Face Hub: an atomic push of a saved model directory with a
+generated model card, a training-loop hook, and the `granalign push` command-line pieces."""
+
+from .callback import HubPushCallback
+from .eval_results import EvalSource, RetrievalResult, load_eval_results, parse_eval_spec
+from .model_card import (
+    TEMPLATE_PATH,
+    build_model_card,
+    extract_usage_snippet,
+    usage_snippet,
+    validate_model_card,
+)
+from .push import (
+    PushError,
+    PushResult,
+    card_for_push,
+    check_repo_id,
+    collect_model_files,
+    push_model_dir,
+    resolve_token,
+)
+
+__all__ = [
+    "TEMPLATE_PATH",
+    "EvalSource",
+    "HubPushCallback",
+    "PushError",
+    "PushResult",
+    "RetrievalResult",
+    "build_model_card",
+    "card_for_push",
+    "check_repo_id",
+    "collect_model_files",
+    "extract_usage_snippet",
+    "load_eval_results",
+    "parse_eval_spec",
+    "push_model_dir",
+    "resolve_token",
+    "usage_snippet",
+    "validate_model_card",
+]

@@ -1,0 +1,282 @@
+"""The model card of a pushed GranAlign model, rendered with `huggingface_hub.ModelCard` from the template
+shipped in `granalign/hub/templates/`.
+
+The YAML metadata carries `library_name: transformers`, the license, tags, datasets, `pipeline_tag:
+zero-shot-image-classification`, the towers' `base_model` where they are Hub ids, and a `model-index` with
+R@1/5/10 both ways and rSum per dataset and protocol. The body has a usage snippet that runs as written
+against the pushed repo, the training recipe, the method, honest limitations and the BibTeX citation.
+
+Example:
+    >>> card = build_model_card("runs/tiny/final", "me/granalign-tiny", eval_results="metrics.json")
+    >>> validate_model_card(card); card.save("README.md")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from .eval_results import (
+    METRIC_NAMES,
+    EvalSource,
+    RetrievalResult,
+    load_eval_results,
+    resolve_dataset,
+    to_eval_results,
+)
+from .model_dir import count_safetensors_parameters, load_recipe_dict, read_json
+
+__all__ = [
+    "GRM_CITATION",
+    "TEMPLATE_PATH",
+    "build_model_card",
+    "extract_usage_snippet",
+    "usage_snippet",
+    "validate_model_card",
+]
+
+TEMPLATE_PATH = Path(__file__).with_name("templates") / "modelcard_template.md"
+PIPELINE_TAG = "zero-shot-image-classification"
+DEFAULT_TAGS = ("granalign", "grm", "image-text-retrieval", "cross-modal-retrieval", "custom_code")
+GRM_CITATION = """@inproceedings{liu2026grm,
+  title         = {Cross Modal Fine-Grained Alignment via Granularity-Aware and Region-Uncertain Modeling},
+  author        = {Liu and Zhou and Liu and Chen and Jiang},
+  booktitle     = {Proceedings of the AAAI Conference on Artificial Intelligence},
+  year          = {2026},
+  eprint        = {2511.07710},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.CV}
+}"""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_SNIPPET = re.compile(r"^## How to use\s*?\n.*?^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def usage_snippet(repo_id: str, *, revision: str | None = None, region_feature_dim: int | None = None) -> str:
+    """Python that loads `repo_id` (at `revision`) with the Auto classes and scores captions against inputs."""
+    rev = "" if revision in (None, "main") else f", revision={revision!r}"
+    lines = [
+        "import torch",
+        *(["from PIL import Image"] if region_feature_dim is None else []),
+        "from transformers import AutoModel, AutoProcessor",
+        "",
+        f"repo_id = {repo_id!r}",
+        f"model = AutoModel.from_pretrained(repo_id{rev}, trust_remote_code=True).eval()",
+        f"processor = AutoProcessor.from_pretrained(repo_id{rev}, trust_remote_code=True)",
+        "",
+        'captions = ["a red circle left of a blue square", "a small green star", "two yellow triangles"]',
+    ]
+    if region_feature_dim is None:
+        lines += [
+            "# stand-ins for your own images (PIL images, numpy arrays or tensors)",
+            'images = [Image.new("RGB", (224, 224), "red"), Image.new("RGB", (224, 224), "blue")]',
+            'inputs = processor(text=captions, images=images, padding="longest")',
+        ]
+    else:
+        lines += [
+            f"# stand-ins for detector region features: one [num_regions, {region_feature_dim}] tensor per image",
+            f"regions = [torch.randn(36, {region_feature_dim}), torch.randn(20, {region_feature_dim})]",
+            'inputs = processor(text=captions, regions=regions, padding="longest")',
+        ]
+    lines += [
+        "with torch.no_grad():",
+        "    scores = model(**inputs).logits_per_image  # [num_images, num_captions], higher = better match",
+        "best = scores.argmax(dim=1).tolist()",
+        'print("best caption per image:", [captions[i] for i in best])',
+    ]
+    return "\n".join(lines)
+
+
+def extract_usage_snippet(card_text: str | ModelCard) -> str:
+    """The Python code block under the card's "## How to use" heading."""
+    match = _SNIPPET.search(str(card_text))
+    if match is None:
+        raise ValueError("the model card has no ```python block under '## How to use'")
+    return match.group(1)
+
+
+def _looks_like_hub_id(value: Any) -> bool:
+    text = str(value or "")
+    return bool(_HUB_ID.match(text)) and not Path(text).expanduser().exists() and not text.startswith(".")
+
+
+def _base_models(config: Mapping[str, Any], recipe: Mapping[str, Any] | None) -> list[str]:
+    """Pretrained tower ids: from the recipe's `model.*_pretrained`, else the sub-configs' `_name_or_path`."""
+    model = (recipe or {}).get("model") or {}
+    found = []
+    for side in ("vision", "text"):
+        candidate = model.get(f"{side}_pretrained") or (config.get(f"{side}_config") or {}).get(
+            "_name_or_path"
+        )
+        if _looks_like_hub_id(candidate) and candidate not in found:
+            found.append(str(candidate))
+    return found
+
+
+def _results_table(results: Sequence[RetrievalResult]) -> str:
+    header = "| Dataset | Split | Protocol | " + " | ".join(METRIC_NAMES.values()) + " |"
+    rows = [header, "|" + "---|" * (3 + len(METRIC_NAMES))]
+    for r in results:
+        cells = [r.dataset.name, r.split, r.protocol, *(f"{r.metrics[k]:.2f}" for k in METRIC_NAMES)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _recipe_summary(recipe: Mapping[str, Any]) -> str:
+    """Bullet points on the data, towers, optimisation and augmentation sections a recipe dict has."""
+    data, model = recipe.get("data"), recipe.get("model")
+    optim, train, aug = recipe.get("optim"), recipe.get("train"), recipe.get("augment")
+    items = []
+    if data:
+        builtin = " (the built-in synthetic scenes)" if data.get("source") == "builtin" else ""
+        items.append(
+            f"Data: `{data.get('source')}`{builtin}; trained on split `{data.get('train_split')}`, checkpoint "
+            f"selected on `{data.get('eval_split')}` by dev rSum, tested on `{data.get('test_split')}`."
+        )
+    if model:
+        vision = model.get("vision_pretrained") or (model.get("vision_config") or {}).get("model_type")
+        text = model.get("text_pretrained") or (model.get("text_config") or {}).get("model_type")
+        items.append(
+            f"Towers: vision `{vision or 'precomputed regions'}`, text `{text}`; captions up to "
+            f"{model.get('max_length')} tokens."
+        )
+    if optim or train:
+        optim, train = optim or {}, train or {}
+        items.append(
+            f"Optimisation: AdamW, lr {optim.get('lr')} (towers x{optim.get('backbone_lr_multiplier')}), "
+            f"weight decay {optim.get('weight_decay')}, {optim.get('schedule')} schedule; {train.get('epochs')} "
+            f"epochs, batch {train.get('batch_size')} per process, gradient clip {train.get('grad_clip')}, "
+            f"precision {train.get('mixed_precision')}."
+        )
+    if aug:
+        items.append(
+            f"Augmentation: random resized crop scale {aug.get('image_crop_scale')}, horizontal flip "
+            f"p={aug.get('horizontal_flip_prob')}, caption word corruption p={aug.get('caption_word_prob')}."
+        )
+    return (
+        "\n".join(f"- {item}" for item in items)
+        or "- (the recipe names no data, model or optimiser settings)"
+    )
+
+
+def _tower_text(config: Mapping[str, Any], side: str) -> str:
+    sub = config.get(f"{side}_config")
+    if not sub:
+        return f"precomputed region features of size {config.get('region_feature_dim')}"
+    return (
+        f"`{sub.get('model_type')}` tower, hidden size {sub.get('hidden_size', sub.get('hidden_sizes', '?'))}"
+    )
+
+
+def _limitations(source: str | None, has_results: bool) -> list[str]:
+    lines = []
+    if source == "builtin":
+        lines.append(
+            "It was trained on granalign's built-in synthetic scenes (coloured shapes on plain backgrounds): "
+            "it is a demonstration model and does not transfer to natural photos or free-form captions."
+        )
+    if not has_results:
+        lines.append("No evaluation results were supplied, so its retrieval quality is not measured here.")
+    return lines
+
+
+def build_model_card(
+    model_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    eval_results: EvalSource
+    | Sequence[EvalSource]
+    | str
+    | os.PathLike[str]
+    | Mapping[str, Any]
+    | None = None,
+    recipe: Any = None,
+    license: str = "apache-2.0",
+    datasets: Sequence[str] | None = None,
+    base_models: Sequence[str] | None = None,
+    tags: Sequence[str] = (),
+    revision: str | None = None,
+) -> ModelCard:
+    """Render the card of the saved model in `model_dir` as it will be pushed to `repo_id` (at `revision`).
+
+    `recipe` defaults to `model_dir/granalign_recipe.yaml`; evaluation results whose dataset is not named
+    default to the recipe's data source. `datasets` (training datasets on the Hub) and `base_models`
+    default to what the recipe and config say.
+    """
+    directory = Path(model_dir)
+    config = read_json(directory / "config.json")
+    recipe_dict = load_recipe_dict(directory, recipe)
+    source = ((recipe_dict or {}).get("data") or {}).get("source")
+    results = load_eval_results(eval_results, default_dataset=source)
+    if datasets is None:
+        datasets = [resolve_dataset(source).type] if source and resolve_dataset(source).on_hub else []
+    bases = list(base_models) if base_models is not None else _base_models(config, recipe_dict)
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        library_name="transformers",
+        license=license,
+        pipeline_tag=PIPELINE_TAG,
+        tags=[*DEFAULT_TAGS, *tags],
+        datasets=list(datasets) or None,
+        base_model=(bases[0] if len(bases) == 1 else bases) or None,
+        metrics=["recall"] if results else None,
+        model_name=model_name if results else None,  # the model-index name; no results, no index
+        eval_results=to_eval_results(results) or None,
+    )
+    processor_file = directory / "processor_config.json"
+    processor = read_json(processor_file) if processor_file.is_file() else {}
+    model_recipe = (recipe_dict or {}).get("model") or {}
+    parameters = count_safetensors_parameters(directory)
+    links = ", ".join(f"[{b}](https://huggingface.co/{b})" for b in bases)
+    fields = {
+        "model_name": model_name,
+        "image_side": _tower_text(config, "vision"),
+        "text_side": _tower_text(config, "text"),
+        "embed_dim": config.get("embed_dim"),
+        "num_regions": config.get("num_regions"),
+        "level_weights": ", ".join(str(w) for w in config.get("level_weights", [])),
+        "num_parameters": f"{parameters / 1e6:.2f} M" if parameters else "unknown",
+        "base_models_text": links or "none (towers trained from scratch or loaded from local files)",
+        "license": license,
+        "usage_snippet": usage_snippet(
+            repo_id, revision=revision, region_feature_dim=config.get("region_feature_dim")
+        ),
+        "results_table": _results_table(results) if results else "",
+        "recipe_summary": _recipe_summary(recipe_dict) if recipe_dict else "",
+        "recipe_yaml": yaml.safe_dump(recipe_dict, sort_keys=False).strip() if recipe_dict else "",
+        "extra_limitations": _limitations(source, bool(results)),
+        "max_length": processor.get("max_length")
+        or model_recipe.get("max_length")
+        or "the processor's maximum",
+        "citation": GRM_CITATION,
+    }
+    return ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **fields)
+
+
+def validate_model_card(card: ModelCard | str) -> ModelCard:
+    """Check a card locally (no network): the metadata parses with `ModelCard` (including `model-index`),
+    carries the keys this package promises, and the usage snippet compiles. Returns the parsed card."""
+    parsed = ModelCard(str(card), ignore_metadata_errors=False)
+    data = parsed.data
+    problems = []
+    if data.library_name != "transformers":
+        problems.append(f"library_name must be 'transformers', got {data.library_name!r}")
+    if data.pipeline_tag != PIPELINE_TAG:
+        problems.append(f"pipeline_tag must be {PIPELINE_TAG!r}, got {data.pipeline_tag!r}")
+    if not isinstance(data.license, str) or not data.license:
+        problems.append(f"license must be a non-empty string, got {data.license!r}")
+    for result in data.eval_results or []:
+        if isinstance(result.metric_value, bool) or not isinstance(result.metric_value, (int, float)):
+            problems.append(f"metric {result.metric_type!r} has a non-numeric value {result.metric_value!r}")
+    try:
+        compile(extract_usage_snippet(parsed.text), "<model card usage snippet>", "exec")
+    except (ValueError, SyntaxError) as err:
+        problems.append(f"usage snippet: {err}")
+    if problems:
+        raise ValueError("invalid model card: " + "; ".join(problems))
+    return parsed

@@ -1,0 +1,172 @@
+"""Push a saved GranAlign model directory to the Hugging Face Hub as one atomic commit.
+
+What goes up: the safetensors weights (and their index when sharded), `config.json` with its `auto_map`,
+the model code files it names (`*_granalign.py`), the processor and tokenizer files, the training
+recipe and metrics JSON when present, and a generated model card (`README.md`). Everything is checked
+before the first request; the files are then uploaded (LFS objects first) and recorded in a single
+commit, so an interrupted push leaves the branch as it was and simply re-running it completes it
+(already-uploaded LFS objects are not sent again). Weights and code files of an earlier push that the
+new one no longer has are deleted in the same commit.
+
+Authentication follows `huggingface_hub`: an explicit `token`, else `HF_TOKEN`, else the token saved by
+`hf auth login`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, get_token
+from huggingface_hub.errors import RevisionNotFoundError
+
+from .eval_results import EvalSource
+from .model_card import build_model_card, validate_model_card
+from .model_dir import RECIPE_FILE, PushError, collect_model_files, load_recipe_dict
+
+__all__ = [
+    "PushError",
+    "PushResult",
+    "card_for_push",
+    "check_repo_id",
+    "collect_model_files",
+    "push_model_dir",
+    "resolve_token",
+]
+
+# remote files a new push replaces as a whole: stale ones are deleted in the same commit
+MANAGED_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "*_granalign.py")
+logger = logging.getLogger(__name__)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """The commit a push made: its branch, id and URL, the files it wrote and the stale ones it deleted."""
+
+    repo_id: str
+    revision: str
+    commit_oid: str
+    commit_url: str
+    files: tuple[str, ...]
+    deleted: tuple[str, ...]
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Return `repo_id` if it is `namespace/name` as the Hub accepts it, else raise `PushError`."""
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+        raise PushError(
+            f"repo id must look like 'namespace/name' (e.g. 'my-org/granalign-base'), got {repo_id!r}"
+        )
+    if len(repo_id.split("/")[1]) > 96 or repo_id.endswith((".git", ".")):
+        raise PushError(
+            f"repo name must be at most 96 characters and not end in '.git' or '.', got {repo_id!r}"
+        )
+    return repo_id
+
+
+def resolve_token(token: str | None = None) -> str:
+    """The token to push with: `token`, else `HF_TOKEN`, else the one saved by `hf auth login`."""
+    resolved = token or get_token()
+    if not resolved:
+        raise PushError(
+            "no Hugging Face token: pass --token / token=..., set the HF_TOKEN environment variable, or run "
+            "`hf auth login` (a token with write access is needed to push)"
+        )
+    return resolved
+
+
+def card_for_push(
+    model_dir: str | os.PathLike[str],
+    repo_id: str,
+    eval_json: EvalSource | Sequence[EvalSource] | str | os.PathLike[str] | Mapping[str, Any] | None,
+    **card_kwargs: Any,
+) -> ModelCard:
+    """The card `push_model_dir` uploads: `build_model_card` with `eval_json`, or when it is None with the
+    directory's own metrics (`metrics.json` from training, else `dev_metrics.json`); metrics found that way
+    that cannot be read into results are left out with a warning."""
+    directory = Path(model_dir)
+    if eval_json is not None:
+        return build_model_card(directory, repo_id, eval_results=eval_json, **card_kwargs)
+    for name, split in (("metrics.json", None), ("dev_metrics.json", "validation")):
+        if (directory / name).is_file():
+            try:
+                return build_model_card(directory, repo_id, eval_results=EvalSource(directory / name, split=split),
+                                        **card_kwargs)  # fmt: skip
+            except ValueError as err:
+                logger.warning("not reporting %s in the model card: %s", directory / name, err)
+                break
+    return build_model_card(directory, repo_id, **card_kwargs)
+
+
+def _remote_files(api: HfApi, repo_id: str, revision: str) -> list[str]:
+    try:
+        return api.list_repo_files(repo_id, revision=revision)
+    except RevisionNotFoundError:
+        return []
+
+
+def push_model_dir(
+    model_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload GranAlign model",
+    commit_description: str | None = None,
+    eval_json: EvalSource | Sequence[EvalSource] | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    recipe: Any = None,
+    license: str = "apache-2.0",
+    datasets: Sequence[str] | None = None,
+    base_models: Sequence[str] | None = None,
+    tags: Sequence[str] = (),
+    endpoint: str | None = None,
+) -> PushResult:
+    """Upload the saved model in `model_dir` with a generated model card to `repo_id` in one commit.
+
+    Creates the repo (`private` applies only when it is created) and the `revision` branch (from `main`)
+    if needed. `eval_json` defaults to the directory's `metrics.json` (training summary) or
+    `dev_metrics.json`; `recipe` to its `granalign_recipe.yaml`. Returns the commit that was made.
+    """
+    check_repo_id(repo_id)
+    files = collect_model_files(model_dir)
+    token = resolve_token(token)
+    directory = Path(model_dir)
+    card = card_for_push(directory, repo_id, eval_json, recipe=recipe, license=license, datasets=datasets,
+                         base_models=base_models, tags=tags, revision=revision)  # fmt: skip
+    validate_model_card(card)
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="granalign", library_version=_version())
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    branch = revision or "main"
+    if branch != "main":
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    if recipe is not None:  # an explicit recipe replaces the directory's: the card describes it
+        files = [p for p in files if p.name != RECIPE_FILE]
+    names = [p.name for p in files]
+    stale = [f for f in _remote_files(api, repo_id, branch)
+             if "/" not in f and f not in names and any(fnmatch.fnmatch(f, p) for p in MANAGED_PATTERNS)]  # fmt: skip
+    operations: list[Any] = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    if recipe is not None:
+        recipe_yaml = yaml.safe_dump(load_recipe_dict(directory, recipe), sort_keys=False).encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=RECIPE_FILE, path_or_fileobj=recipe_yaml))
+        names.append(RECIPE_FILE)
+    operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+    info = api.create_commit(repo_id, operations, commit_message=commit_message,
+                             commit_description=commit_description, revision=branch)  # fmt: skip
+    return PushResult(repo_id, branch, info.oid, info.commit_url, (*names, "README.md"), tuple(stale))
+
+
+def _version() -> str:
+    from granalign import __version__
+
+    return __version__
