@@ -134,4 +134,4 @@ def tiny_tokenizer(directory):
     assert len(vocab) <= VOCAB_SIZE
     path = directory / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(path))
+    return BertTokenizerFast(vocab=str(path))
