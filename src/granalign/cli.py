@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a recipe (YAML/JSON)")
     train.add_argument("recipe", help="recipe file, e.g. configs/tiny.yaml")
     train.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)"
+        "--set",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="override recipe keys, e.g. train.epochs=2",
     )
     train.add_argument("--output-dir", help="where checkpoints, logs and the final model go")
     train.add_argument(
@@ -132,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", help="'builtin' or a source for load_alignment_dataset (default: the recipe's)"
     )
     evaluate.add_argument(
-        "--dataset-arg", action="append", metavar="KEY=VALUE", help="dataset builder argument"
+        "--dataset-arg", action="extend", nargs="+", metavar="KEY=VALUE", help="dataset builder arguments"
     )
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--protocol", default="all", help="all | flickr30k-1k | coco-1k | coco-5k")

@@ -1,0 +1,181 @@
+"""Atomic, resumable training checkpoints.
+
+Layout under `output_dir`:
+
+    checkpoints/step-000120/   accelerate state (model.safetensors, optimizer.bin, random_states_<rank>.pkl)
+                               + trainer_state.json (epoch, step, best metric, scheduler, history)
+    checkpoints/latest         name of the newest complete checkpoint (replaced atomically)
+    best/                      `save_pretrained` model + processor selected on the dev split
+
+Every directory is written under a temporary name and renamed into place only once complete, so a run
+killed at any moment leaves the previous checkpoint intact. Only the newest `keep_last` step
+checkpoints are kept. A checkpoint resumes only with the same number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TrainerState",
+    "find_latest_checkpoint",
+    "load_checkpoint",
+    "recover_directory",
+    "replace_directory",
+    "save_checkpoint",
+    "save_model_dir",
+    "write_text_atomic",
+]
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+RECIPE_FILE = "granalign_recipe.yaml"
+
+
+@dataclass
+class TrainerState:
+    """Where the loop is: `epoch` (0-based, current), `step_in_epoch` (optimizer steps done in it),
+    `global_step`, the best dev rSum so far and per-epoch history."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    num_bad_rows: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        return cls(**json.loads(text))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to `path` through a temporary file and `os.replace`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def replace_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Move the complete directory `tmp` to `target`, replacing an existing one.
+
+    The old `target` is first renamed to `target.old` (restored by `recover_directory` if the process
+    dies before the swap completes), then `tmp` is renamed to `target` and the old one deleted.
+    """
+    tmp, target = Path(tmp), Path(target)
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
+    return target
+
+
+def recover_directory(target: str | os.PathLike[str]) -> None:
+    """Undo a swap interrupted by `replace_directory`: bring `target.old` back if `target` is missing."""
+    target = Path(target)
+    old = target.with_name(target.name + ".old")
+    if not target.exists() and old.exists():
+        os.replace(old, target)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete step checkpoint under `output_dir/checkpoints`, or None."""
+    root = Path(output_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: str | os.PathLike[str],
+    state: TrainerState,
+    scheduler: Any,
+    keep_last: int = 1,
+) -> Path:
+    """Save the accelerate state (model, optimizer, RNG of every process) plus `state` atomically.
+
+    Every process must call it (each saves its RNG state). Returns the checkpoint directory.
+    """
+    root = Path(output_dir) / CHECKPOINTS
+    name = f"step-{state.global_step:08d}"
+    final = root / name
+    tmp = root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state.scheduler = scheduler.state_dict()
+        write_text_atomic(tmp / STATE_FILE, state.to_json())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / LATEST, name + "\n")
+        steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for stale in steps[: max(0, len(steps) - keep_last)]:
+            if stale != final:
+                shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, checkpoint: str | os.PathLike[str], scheduler: Any) -> TrainerState:
+    """Restore model, optimizer, RNG states and scheduler from `checkpoint`; return its `TrainerState`."""
+    checkpoint = Path(checkpoint)
+    state_file = checkpoint / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{str(checkpoint)!r} is not a complete checkpoint (no {STATE_FILE})")
+    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(checkpoint)!r} has no RNG state for process {accelerator.process_index}: "
+            "resume with the number of processes that saved it"
+        )
+    accelerator.load_state(str(checkpoint))
+    state = TrainerState.from_json(state_file.read_text(encoding="utf-8"))
+    if state.scheduler:
+        scheduler.load_state_dict(state.scheduler)
+    return state
+
+
+def save_model_dir(model: Any, processor: Any, recipe: Any, target: Path, extra: dict[str, Any]) -> None:
+    """`save_pretrained` model + processor + recipe (+ JSON extras) into `target`, atomically."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    from granalign.evaluation.protocols import save_metrics_json
+    from granalign.training.recipe import save_recipe
+
+    save_recipe(recipe, tmp / RECIPE_FILE)
+    for name, payload in extra.items():
+        save_metrics_json(payload, tmp / name)
+    replace_directory(tmp, target)

@@ -1,0 +1,305 @@
+"""The accelerate training loop: GRM loss on global in-batch negatives, dev selection, exact resume.
+
+One optimizer step = `gradient_accumulation_steps` batches per process. The first
+`sum_violation_warmup_epochs` epochs use the sum of hinge violations, later ones the hardest negative.
+After every `eval.every_epochs` epochs the dev split is scored; the best dev rSum is saved to
+`output_dir/best` (the test split is never looked at during training). At the end the dev-selected model
+is evaluated once on the test split and exported with its processor to `output_dir/final`.
+
+Resume is exact: the data order is a pure function of (seed, epoch) (`EpochPermutationSampler`),
+augmentation of (seed, epoch, item), and checkpoints hold the RNG states, optimizer, scheduler and the
+position in the epoch, so a killed-and-resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from granalign.evaluation.protocols import format_metrics_table, save_metrics_json
+from granalign.evaluation.runner import evaluate_split
+from granalign.modeling_granalign import GranAlignModel
+from granalign.training.builders import (
+    build_model,
+    build_processor,
+    build_train_pairs,
+    load_recipe_splits,
+)
+from granalign.training.checkpoint import (
+    RECIPE_FILE,
+    TrainerState,
+    find_latest_checkpoint,
+    load_checkpoint,
+    recover_directory,
+    save_checkpoint,
+    save_model_dir,
+)
+from granalign.training.collate import AlignmentCollator, EpochPermutationSampler
+from granalign.training.optim import LRSchedule, build_optimizer, build_scheduler
+from granalign.training.recipe import Recipe, save_recipe
+from granalign.training.step import ContrastiveStep
+
+__all__ = ["TrainResult", "train"]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `interrupted` is True when `train.max_steps` stopped it early."""
+
+    output_dir: Path
+    final_dir: Path | None
+    best_metric: float | None
+    test_metrics: dict[str, Any] | None
+    global_step: int
+    interrupted: bool
+    num_bad_rows: int
+
+
+def _resolve_resume(resume: bool | str | os.PathLike[str], output_dir: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume is True:
+        return find_latest_checkpoint(output_dir)  # nothing yet: start from scratch
+    path = Path(resume)
+    found = find_latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+    if found is None or not found.is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume from at {str(path)!r}")
+    return found
+
+
+def train(recipe: Recipe, resume: bool | str | os.PathLike[str] = False) -> TrainResult:
+    """Train (or resume, `resume=True` for the latest checkpoint of `recipe.output_dir`, or a path)."""
+    recipe.validate()
+    output_dir = Path(recipe.output_dir)
+    t = recipe.train
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=None if t.log_with == "none" else t.log_with,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
+    )
+    show = t.progress_bar and accelerator.is_local_main_process
+    set_seed(recipe.seed)
+
+    train_split, dev_split, test_split, num_bad = load_recipe_splits(recipe.data)
+    if num_bad:
+        accelerator.print(f"skipped {num_bad} rows with unreadable images")
+
+    processor = build_processor(recipe.model, train_split)
+    model = build_model(recipe.model, processor.tokenizer)
+    pairs = build_train_pairs(recipe, train_split, processor)
+    sampler = EpochPermutationSampler(len(pairs), seed=recipe.seed)
+    loader = torch.utils.data.DataLoader(
+        pairs,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        collate_fn=AlignmentCollator(processor, recipe.data.padding),
+        num_workers=recipe.data.num_workers,
+        drop_last=recipe.data.drop_last,
+        generator=torch.Generator().manual_seed(recipe.seed),  # keeps the global RNG untouched
+    )
+    o = recipe.optim
+    optimizer = build_optimizer(model, o.lr, o.backbone_lr_multiplier, o.weight_decay, o.betas, o.eps)
+    step_module, optimizer, loader = accelerator.prepare(ContrastiveStep(model), optimizer, loader)
+    if len(loader) == 0:
+        raise ValueError(
+            f"the training split gives no batch of {t.batch_size} pairs per process ({len(pairs)} pairs); "
+            "lower train.batch_size or set data.drop_last=false"
+        )
+    set_seed(recipe.seed, device_specific=True)  # per-process noise; the model is already identical
+    steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
+    schedule = LRSchedule(
+        o.schedule,
+        steps_per_epoch,
+        steps_per_epoch * t.epochs,
+        tuple(o.milestones),
+        o.gamma,
+        o.warmup_steps,
+        o.min_lr_ratio,
+    )
+    scheduler = build_scheduler(optimizer, schedule)
+    accelerator.print(
+        f"training {recipe.name!r}: {len(pairs)} pairs from {len(train_split)} images, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "
+        f"{t.batch_size * accelerator.num_processes * t.gradient_accumulation_steps}, "
+        f"{steps_per_epoch} steps/epoch x {t.epochs} epochs"
+    )
+
+    state = TrainerState(num_bad_rows=num_bad)
+    recover_directory(output_dir / "best")
+    checkpoint = _resolve_resume(resume, output_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, scheduler)
+        accelerator.print(f"resumed from {checkpoint} (epoch {state.epoch}, step {state.global_step})")
+    if accelerator.is_main_process:
+        save_recipe(recipe, output_dir / RECIPE_FILE)
+    if t.log_with != "none":
+        accelerator.init_trackers(recipe.name, config=recipe.flat_dict())
+
+    unwrapped: GranAlignModel = accelerator.unwrap_model(step_module).model
+    warmup_epochs = unwrapped.config.sum_violation_warmup_epochs
+    world = accelerator.num_processes
+    interrupted = False
+    while state.epoch < t.epochs and not interrupted:
+        epoch = state.epoch
+        sampler.set_epoch(epoch)
+        pairs.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        skip = state.step_in_epoch * t.gradient_accumulation_steps
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        if skip:
+            epoch_loader.set_epoch(epoch)
+        hardest = epoch >= warmup_epochs
+        step_module.train()
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=state.step_in_epoch,
+            desc=f"epoch {epoch + 1}/{t.epochs}",
+            disable=not show,
+            dynamic_ncols=True,
+        )
+        for batch in epoch_loader:
+            with accelerator.accumulate(step_module):
+                objective = step_module(batch, hardest_negative=hardest)
+                accelerator.backward(objective.loss * world)
+                if accelerator.sync_gradients and t.grad_clip is not None:
+                    accelerator.clip_grad_norm_(step_module.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[-1]
+            scheduler.step()
+            state.global_step += 1
+            state.step_in_epoch += 1
+            loss = objective.loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if t.log_with != "none" and state.global_step % t.log_every_steps == 0:
+                logs = {"train/loss": loss, "train/lr": lr, "train/epoch": epoch}
+                logs.update({f"train/{k}": v.item() for k, v in objective.terms.items()})
+                accelerator.log(logs, step=state.global_step)
+            if t.max_steps is not None and state.global_step >= t.max_steps:
+                interrupted = True
+                break
+            if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
+                save_checkpoint(accelerator, output_dir, state, scheduler)
+        bar.close()
+        if interrupted:
+            save_checkpoint(accelerator, output_dir, state, scheduler)
+            accelerator.print(f"stopped at train.max_steps={t.max_steps}; resume with --resume")
+            break
+        state.epoch += 1
+        state.step_in_epoch = 0
+        if dev_split is not None and (state.epoch % recipe.eval.every_epochs == 0 or state.epoch == t.epochs):
+            _evaluate_dev(recipe, accelerator, unwrapped, processor, dev_split, state, output_dir)
+        save_checkpoint(accelerator, output_dir, state, scheduler)
+
+    result = TrainResult(output_dir, None, state.best_metric, None, state.global_step, interrupted, num_bad)
+    if not interrupted:
+        result = _finish(recipe, accelerator, unwrapped, processor, test_split, state, output_dir)
+    accelerator.end_training()
+    return result
+
+
+def _evaluate_dev(
+    recipe: Recipe,
+    accelerator: Accelerator,
+    model: GranAlignModel,
+    processor: Any,
+    split: Any,
+    state: TrainerState,
+    output_dir: Path,
+) -> None:
+    e = recipe.eval
+    result = evaluate_split(
+        model,
+        processor,
+        split,
+        "all",
+        e.batch_size,
+        e.image_chunk_size,
+        e.text_chunk_size,
+        accelerator=accelerator,
+        progress=recipe.train.progress_bar,
+    )
+    metrics = result["metrics"]
+    state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
+    if recipe.train.log_with != "none":
+        accelerator.log({f"dev/{k}": v for k, v in metrics.items()}, step=state.global_step)
+    improved = state.best_metric is None or metrics["rsum"] > state.best_metric
+    accelerator.print(
+        f"epoch {state.epoch}: dev rSum {metrics['rsum']:.2f} (i2t R@1 {metrics['i2t_r1']:.1f}, "
+        f"t2i R@1 {metrics['t2i_r1']:.1f}){'  * best' if improved else ''}"
+    )
+    if improved:
+        state.best_metric, state.best_epoch = float(metrics["rsum"]), state.epoch
+        if accelerator.is_main_process:
+            info = {
+                "epoch": state.epoch,
+                "step": state.global_step,
+                "split": recipe.data.eval_split,
+                **metrics,
+            }
+            save_model_dir(model, processor, recipe, output_dir / "best", {"dev_metrics.json": info})
+        accelerator.wait_for_everyone()
+
+
+def _finish(
+    recipe: Recipe,
+    accelerator: Accelerator,
+    model: GranAlignModel,
+    processor: Any,
+    test_split: Any,
+    state: TrainerState,
+    output_dir: Path,
+) -> TrainResult:
+    """Load the dev-selected model, evaluate it on the test split once, export it to `final/`."""
+    best_dir = output_dir / "best"
+    if state.best_metric is not None and best_dir.is_dir():
+        model = GranAlignModel.from_pretrained(best_dir).to(accelerator.device)
+    test = None
+    if test_split is not None:
+        e = recipe.eval
+        test = evaluate_split(
+            model,
+            processor,
+            test_split,
+            e.protocol,
+            e.batch_size,
+            e.image_chunk_size,
+            e.text_chunk_size,
+            accelerator=accelerator,
+            progress=recipe.train.progress_bar,
+        )
+        accelerator.print(f"test split {recipe.data.test_split!r}, protocol {e.protocol!r}:")
+        accelerator.print(format_metrics_table(test))
+    final = output_dir / "final"
+    if accelerator.is_main_process:
+        summary = {
+            "best_dev_rsum": state.best_metric,
+            "best_epoch": state.best_epoch,
+            "global_step": state.global_step,
+            "num_bad_rows": state.num_bad_rows,
+            "dev_history": state.history,
+            "test": test,
+        }
+        save_model_dir(model, processor, recipe, final, {"metrics.json": summary})
+        save_metrics_json(summary, output_dir / "metrics.json")
+        accelerator.print(f"saved the dev-selected model to {final}")
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        output_dir, final, state.best_metric, test, state.global_step, False, state.num_bad_rows
+    )
