@@ -1,8 +1,12 @@
-"""The `granalign` command line: `train` and `evaluate` (room for `push | index | search | explain | demo`).
+"""The `granalign` command line: `train | evaluate | push | index | search | explain | demo`.
 
     granalign train configs/tiny.yaml [--set train.epochs=2 ...] [--output-dir DIR] [--resume [CKPT]]
+                    [--push-to-hub --hub-model-id org/name]
     granalign evaluate runs/tiny/final [--dataset builtin --dataset-arg num_test=200 ...] [--split test]
                        [--protocol all] [--output-json metrics.json]
+    granalign push runs/tiny/final --repo-id org/name
+    granalign index MODEL ... / granalign search INDEX ...   (see `granalign index --help`)
+    granalign explain MODEL --image IMG --text "a caption"  /  granalign demo MODEL
 
 Errors in user input (a bad recipe key, an unknown dataset or protocol, a missing file) print one line
 and exit with status 2; `--debug` shows the full traceback instead.
@@ -11,10 +15,15 @@ and exit with status 2; `--debug` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from granalign.hub.cli_push import add_push_parser, add_train_push_arguments, run_push
+from granalign.retrieval.cli_retrieval import add_index_parser, add_search_parser, run_index, run_search
+from granalign.viz.cli_viz import add_demo_parser, add_explain_parser, run_demo, run_explain
 
 __all__ = ["build_parser", "main"]
 
@@ -45,6 +54,7 @@ def _parse_kv(items: Sequence[str], option: str) -> dict[str, Any]:
 
 @_command("train")
 def _train(args: argparse.Namespace) -> int:
+    from granalign.hub.cli_push import push_callback_from_args
     from granalign.training.loop import train
     from granalign.training.recipe import load_recipe
 
@@ -55,7 +65,15 @@ def _train(args: argparse.Namespace) -> int:
     resume: bool | str = False
     if args.resume is not None:
         resume = True if args.resume == "latest" else args.resume
-    result = train(recipe, resume=resume)
+    hub = push_callback_from_args(args)  # fails now, not after training, on bad flags or no token
+    main_process = os.environ.get("RANK", "0") == "0"  # accelerate and torchrun set RANK
+    if hub is not None and main_process:
+        print(f"will push to {hub.prepare()}")
+    result = train(
+        recipe, resume=resume, hub_callback=hub if hub is not None and hub.every_checkpoint else None
+    )
+    if hub is not None and main_process and result.final_dir is not None:
+        print(f"pushed to {hub.on_train_end(result.final_dir).commit_url}")
     return 0 if result.final_dir is not None or result.interrupted else 1
 
 
@@ -106,6 +124,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUBCOMMANDS.update(push=run_push, index=run_index, search=run_search, explain=run_explain, demo=run_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="granalign", description="GRM fine-grained image-text alignment")
@@ -147,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-size-check", action="store_true", help="allow any image count for the protocol"
     )
     evaluate.add_argument("--no-progress", action="store_true")
+
+    add_train_push_arguments(train)
+    add_push_parser(commands)
+    add_index_parser(commands)
+    add_search_parser(commands)
+    add_explain_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 

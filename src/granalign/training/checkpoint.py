@@ -50,6 +50,7 @@ class TrainerState:
     best_epoch: int | None = None
     num_bad_rows: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)  # {"step", "epoch", "loss", "lr"} rows
     scheduler: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -75,8 +75,13 @@ def _resolve_resume(resume: bool | str | os.PathLike[str], output_dir: Path) -> 
     return found
 
 
-def train(recipe: Recipe, resume: bool | str | os.PathLike[str] = False) -> TrainResult:
-    """Train (or resume, `resume=True` for the latest checkpoint of `recipe.output_dir`, or a path)."""
+def train(
+    recipe: Recipe, resume: bool | str | os.PathLike[str] = False, hub_callback: Any = None
+) -> TrainResult:
+    """Train (or resume, `resume=True` for the latest checkpoint of `recipe.output_dir`, or a path).
+
+    `hub_callback` (a `granalign.hub.HubPushCallback`) pushes each new best model when given.
+    """
     recipe.validate()
     output_dir = Path(recipe.output_dir)
     t = recipe.train
@@ -187,6 +192,8 @@ def train(recipe: Recipe, resume: bool | str | os.PathLike[str] = False) -> Trai
             loss = objective.loss.item()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if state.global_step % t.log_every_steps == 0:
+                state.curves.append({"step": state.global_step, "epoch": epoch, "loss": loss, "lr": lr})
             if t.log_with != "none" and state.global_step % t.log_every_steps == 0:
                 logs = {"train/loss": loss, "train/lr": lr, "train/epoch": epoch}
                 logs.update({f"train/{k}": v.item() for k, v in objective.terms.items()})
@@ -204,7 +211,9 @@ def train(recipe: Recipe, resume: bool | str | os.PathLike[str] = False) -> Trai
         state.epoch += 1
         state.step_in_epoch = 0
         if dev_split is not None and (state.epoch % recipe.eval.every_epochs == 0 or state.epoch == t.epochs):
-            _evaluate_dev(recipe, accelerator, unwrapped, processor, dev_split, state, output_dir)
+            _evaluate_dev(
+                recipe, accelerator, unwrapped, processor, dev_split, state, output_dir, hub_callback
+            )
         save_checkpoint(accelerator, output_dir, state, scheduler)
 
     result = TrainResult(output_dir, None, state.best_metric, None, state.global_step, interrupted, num_bad)
@@ -222,6 +231,7 @@ def _evaluate_dev(
     split: Any,
     state: TrainerState,
     output_dir: Path,
+    hub_callback: Any = None,
 ) -> None:
     e = recipe.eval
     result = evaluate_split(
@@ -254,7 +264,11 @@ def _evaluate_dev(
                 **metrics,
             }
             save_model_dir(model, processor, recipe, output_dir / "best", {"dev_metrics.json": info})
+            if hub_callback is not None:
+                hub_callback.on_save(output_dir / "best", step=state.global_step, epoch=state.epoch)
         accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _plot_curves(state, output_dir)
 
 
 def _finish(
@@ -298,8 +312,20 @@ def _finish(
         }
         save_model_dir(model, processor, recipe, final, {"metrics.json": summary})
         save_metrics_json(summary, output_dir / "metrics.json")
+        _plot_curves(state, output_dir)
         accelerator.print(f"saved the dev-selected model to {final}")
     accelerator.wait_for_everyone()
     return TrainResult(
         output_dir, final, state.best_metric, test, state.global_step, False, state.num_bad_rows
     )
+
+
+def _plot_curves(state: TrainerState, output_dir: Path) -> None:
+    """Write loss, learning-rate and dev-rSum curves to `output_dir/training_curves.png` (needs matplotlib)."""
+    try:
+        from granalign.viz.curves import plot_training_curves
+    except ModuleNotFoundError:  # matplotlib is in the `train` extra; a bare install skips the figure
+        return
+    rows = state.curves + state.history
+    if rows:
+        plot_training_curves(rows, output_dir / "training_curves.png")

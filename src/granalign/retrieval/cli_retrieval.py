@@ -1,0 +1,293 @@
+"""The `granalign index` and `granalign search` commands.
+
+    granalign index MODEL OUTPUT (--images PATH... | --dataset SOURCE [--split test] [--captions] |
+                                  --captions-file FILE | --regions FILE) [--dtype float16] [--append]
+    granalign search INDEX MODEL (--text CAPTION... | --image PATH... | --regions FILE) [-k 10]
+                                  [--mode two-stage|exhaustive] [--shortlist 20]
+                                  [--shortlist-by regions|embeddings] [--output-json FILE]
+
+MODEL is a saved model directory or Hub id (with `--revision`). User errors raise `ValueError` /
+`OSError`, which `granalign.cli.main` prints as one line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_index_parser", "add_search_parser", "run_index", "run_search"]
+
+# Kept literal so building the parser imports no torch (tests check them against the modules' values).
+_MODES = ("two-stage", "exhaustive")  # search.MODES
+_DEFAULT_SHORTLIST = 20  # search.DEFAULT_SHORTLIST
+_SHORTLIST_SOURCES = ("regions", "embeddings")  # shortlist.SHORTLIST_SOURCES
+_BACKENDS = ("auto", "matmul", "faiss")  # shortlist.BACKENDS
+
+
+# ------------------------------------------------------------------------------------------ parsers
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of MODEL")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=32, help="items encoded per batch")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `granalign index` to an `argparse` sub-parser collection; returns the new parser."""
+    parser = subparsers.add_parser("index", help="encode a gallery once and store its features")
+    parser.add_argument("model", help="saved model directory or Hub id")
+    parser.add_argument("output", help="index file to write, e.g. gallery.safetensors")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", metavar="PATH", help="image files and/or folders (recursive)")
+    source.add_argument("--dataset", help="'builtin' or a source for load_alignment_dataset")
+    source.add_argument(
+        "--captions-file", help="text file, one caption per line ('id<TAB>caption' also works)"
+    )
+    source.add_argument("--regions", help=".npy [N, R, D] or .npz with 'features' (+ 'mask' [N, R], 'ids')")
+    parser.add_argument("--split", default="test", help="dataset split (with --dataset)")
+    parser.add_argument(
+        "--dataset-arg", action="append", metavar="KEY=VALUE", help="dataset builder argument"
+    )
+    parser.add_argument(
+        "--captions", action="store_true", help="with --dataset: index its captions, not images"
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add the items to an existing index")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    _add_model_options(parser)
+    return parser
+
+
+def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `granalign search` to an `argparse` sub-parser collection; returns the new parser."""
+    parser = subparsers.add_parser("search", help="top-k of a gallery index for text or image queries")
+    parser.add_argument("index", help="an index file written by `granalign index`")
+    parser.add_argument("model", help="the model that built the index (directory or Hub id)")
+    queries = parser.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--text", nargs="+", metavar="CAPTION", help="caption queries (image index)")
+    queries.add_argument("--image", nargs="+", metavar="PATH", help="image queries (caption index)")
+    queries.add_argument("--regions", help="region-feature queries, as for `granalign index --regions`")
+    parser.add_argument("-k", "--top-k", type=int, default=10)
+    parser.add_argument("--mode", default="two-stage", choices=_MODES)
+    parser.add_argument("--shortlist", type=int, default=_DEFAULT_SHORTLIST, help="two-stage shortlist size")
+    parser.add_argument(
+        "--shortlist-by",
+        default="regions",
+        choices=_SHORTLIST_SOURCES,
+        help="first stage of two-stage search",
+    )
+    parser.add_argument("--backend", default="auto", choices=_BACKENDS, help="embedding shortlist backend")
+    parser.add_argument("--faiss-factory", default="Flat", help="FAISS index factory string, e.g. HNSW32")
+    parser.add_argument("--output-json", help="also write the results to this JSON file")
+    _add_model_options(parser)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+
+    from granalign.modeling_granalign import GranAlignModel
+    from granalign.processing_granalign import GranAlignProcessor
+
+    kwargs = {"revision": args.revision} if args.revision else {}
+    local = Path(args.model)
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{str(local)!r} is not a saved GranAlign model (no config.json)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = GranAlignModel.from_pretrained(args.model, **kwargs).to(device).eval()
+    try:
+        processor = GranAlignProcessor.from_pretrained(args.model, **kwargs)
+    except (OSError, ValueError, TypeError):  # a region-feature model saved without a processor
+        processor = None
+    return model, processor
+
+
+def _need_processor(processor: Any, what: str) -> Any:
+    if processor is None:
+        raise ValueError(f"{what} needs the model's processor, but none was saved with the model")
+    return processor
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _load_split(args: argparse.Namespace) -> Any:
+    from granalign.data.schema import canonical_split
+
+    kwargs = {}
+    for item in args.dataset_arg or []:
+        if "=" not in item:
+            raise ValueError(f"--dataset-arg {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        kwargs[key.strip()] = _parse_value(raw.strip())
+    if args.dataset == "builtin":
+        from granalign.data.synthetic import build_synthetic_scenes
+
+        dataset = build_synthetic_scenes(**kwargs)
+    else:
+        from granalign.data.loading import load_alignment_dataset
+
+        dataset = load_alignment_dataset(args.dataset, **kwargs)
+    split = canonical_split(args.split)
+    if split not in dataset:
+        raise ValueError(f"--split: the dataset has no split {args.split!r}; it has {sorted(dataset)}")
+    return dataset[split]
+
+
+def _read_captions(path: str) -> tuple[list[str], list[str]]:
+    """Captions of a text file (blank lines skipped) and their ids (`id<TAB>caption`, else `line-N`)."""
+    ids, captions = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        item, tab, caption = line.partition("\t")
+        ids.append(item.strip() if tab else f"line-{number}")
+        captions.append(caption.strip() if tab else line.strip())
+    if not captions:
+        raise ValueError(f"{path!r} holds no captions")
+    return ids, captions
+
+
+def _read_regions(path: str) -> tuple[list[np.ndarray], list[str]]:
+    """Per-image `[N_i, D]` region arrays and ids from a .npy `[N, R, D]` or .npz (`features`, `mask`, `ids`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no region file at {path!r}")
+    data = np.load(path, allow_pickle=False)
+    mask = ids = None
+    if isinstance(data, np.ndarray):
+        features = data
+    else:
+        with data:
+            if "features" not in data:
+                raise ValueError(f"{path!r} must hold a 'features' array [N, R, D]; it has {sorted(data)}")
+            features = data["features"]
+            mask = data.get("mask")
+            ids = [str(v) for v in data["ids"]] if "ids" in data else None
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 3:
+        raise ValueError(f"region features must be [N, R, D], got shape {features.shape} in {path!r}")
+    if mask is not None and mask.shape != features.shape[:2]:
+        raise ValueError(f"'mask' must be [N, R] = {list(features.shape[:2])}, got {list(mask.shape)}")
+    arrays = [f if mask is None else f[mask[i] > 0] for i, f in enumerate(features)]
+    if ids is not None and len(ids) != len(arrays):
+        raise ValueError(f"'ids' has {len(ids)} entries for {len(arrays)} images in {path!r}")
+    return arrays, ids or [str(i) for i in range(len(arrays))]
+
+
+def _encode_source(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, list[str], Any]:
+    """Outputs, ids and caption texts (or None) of the gallery the index arguments name."""
+    from granalign.retrieval import encode
+
+    progress, batch = not args.no_progress, args.batch_size
+    if args.images:
+        files = encode.list_image_files(args.images)
+        outputs = encode.encode_images(model, _need_processor(processor, "--images"), files, batch, progress)
+        return outputs, [str(f) for f in files], None
+    if args.captions_file:
+        ids, captions = _read_captions(args.captions_file)
+        outputs = encode.encode_captions(
+            model, _need_processor(processor, "captions"), captions, batch, progress
+        )
+        return outputs, ids, captions
+    if args.regions:
+        arrays, ids = _read_regions(args.regions)
+        return encode.encode_regions(model, arrays, batch, progress), ids, None
+    split = _load_split(args)
+    if args.captions:
+        ids, captions = [], []
+        image_ids = split["image_id"] if "image_id" in split.column_names else range(len(split))
+        for image_id, row_captions in zip(image_ids, split["captions"], strict=True):
+            ids.extend(f"{image_id}#{k}" for k in range(len(row_captions)))
+            captions.extend(row_captions)
+        outputs = encode.encode_captions(
+            model, _need_processor(processor, "captions"), captions, batch, progress
+        )
+        return outputs, ids, captions
+    outputs, ids = encode.encode_dataset_images(model, processor, split, batch, progress)
+    return outputs, ids, None
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """Encode the gallery the arguments name and write (or extend) the index file."""
+    from granalign.retrieval.index import GalleryIndex
+
+    output = Path(args.output)
+    if output.exists() and not (args.append or args.overwrite):
+        raise ValueError(f"{str(output)!r} exists: pass --append to add to it or --overwrite to replace it")
+    if args.append and not output.exists():
+        raise FileNotFoundError(f"--append: no index at {str(output)!r} to add to")
+    if args.captions and not args.dataset:
+        raise ValueError("--captions indexes a dataset's captions: use it with --dataset")
+    model, processor = _load_model(args)
+    existing = GalleryIndex.load(output, model=model) if args.append else None
+    outputs, ids, texts = _encode_source(args, model, processor)
+    if existing is not None:
+        index = existing.add(outputs, ids, texts)
+        if args.dtype != index.dtype_name:
+            print(f"note: --dtype {args.dtype} ignored; the index stores {index.dtype_name}")
+    else:
+        index = GalleryIndex.build(model, outputs, ids, texts, dtype=args.dtype)
+    index.save(output)
+    print(f"wrote {output}: {index!r}")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Search an index with caption or image queries and print (and optionally save) the top-k."""
+    from granalign.retrieval import encode
+    from granalign.retrieval.index import GalleryIndex
+    from granalign.retrieval.search import search
+
+    if args.top_k < 1 or args.shortlist < 1:
+        raise ValueError(f"-k and --shortlist must be >= 1, got {args.top_k} and {args.shortlist}")
+    model, processor = _load_model(args)
+    index = GalleryIndex.load(args.index, model=model)
+    progress, batch = not args.no_progress, args.batch_size
+    if args.text:
+        labels = list(args.text)
+        queries = encode.encode_captions(model, _need_processor(processor, "--text"), labels, batch, progress)
+    elif args.image:
+        labels = [str(p) for p in encode.list_image_files(args.image)]
+        queries = encode.encode_images(model, _need_processor(processor, "--image"), labels, batch, progress)
+    else:
+        arrays, labels = _read_regions(args.regions)
+        queries = encode.encode_regions(model, arrays, batch, progress)
+    result = search(
+        model, index, queries, k=args.top_k, mode=args.mode, shortlist=args.shortlist,
+        shortlist_by=args.shortlist_by, backend=args.backend, faiss_factory=args.faiss_factory,
+        progress=progress,
+    )  # fmt: skip
+    records = result.to_records(index)
+    for label, hits in zip(labels, records, strict=True):
+        print(f"query: {label}")
+        for hit in hits:
+            text = f"  {hit['text']}" if "text" in hit else ""
+            print(f"  {hit['rank']:>3}  {hit['score']:8.4f}  {hit['id']}{text}")
+    if args.output_json:
+        payload = {
+            "index": str(args.index),
+            "mode": args.mode,
+            "k": args.top_k,
+            "queries": labels,
+            "results": records,
+        }
+        Path(args.output_json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        print(f"wrote {args.output_json}")
+    return 0
