@@ -23,7 +23,13 @@ from granalign.evaluation.runner import caption_index, evaluate_split, score_spl
 from granalign.processing_granalign import GranAlignProcessor
 from granalign.training.augment import CaptionAugmenter, ImageAugmenter, sample_rng, swap_left_right
 from granalign.training.builders import scratch_image_processor, skip_bad_rows
-from granalign.training.checkpoint import find_latest_checkpoint, recover_directory, replace_directory
+from granalign.training.checkpoint import (
+    find_latest_checkpoint,
+    recover_directory,
+    replace_directory,
+    resolve_resume,
+    warn_recipe_changes,
+)
 from granalign.training.collate import AlignmentCollator, CaptionPairDataset, EpochPermutationSampler
 from granalign.training.distributed import all_gather_tensors, gather_output, gather_tensor
 from granalign.training.optim import LRSchedule, build_optimizer, parameter_groups
@@ -279,6 +285,23 @@ def test_replace_directory_and_latest_pointer(tmp_path: Path) -> None:
     (root / "latest").write_text("step-00000004\n")
     assert find_latest_checkpoint(tmp_path / "run").name == "step-00000004"
     assert find_latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_resume_resolution_and_changed_recipe_warning(tmp_path: Path) -> None:
+    from granalign.training.recipe import load_recipe, save_recipe
+
+    assert resolve_resume(False, tmp_path) is None
+    assert resolve_resume(True, tmp_path) is None  # nothing saved yet: a fresh start
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    saved = save_recipe(load_recipe(configs / "tiny.yaml"), tmp_path / "recipe.yaml")
+    printed: list[str] = []
+    accelerator = type("A", (), {"print": staticmethod(printed.append)})()
+    warn_recipe_changes(accelerator, load_recipe(saved, ["train.max_steps=5"]), saved)
+    assert printed == []  # stopping early is not a change
+    warn_recipe_changes(accelerator, load_recipe(saved, ["train.batch_size=8", "optim.lr=0.1"]), saved)
+    assert len(printed) == 1 and "optim.lr, train.batch_size" in printed[0]
 
 
 # ------------------------------------------------------------------------------------------- gather

@@ -27,8 +27,10 @@ __all__ = [
     "load_checkpoint",
     "recover_directory",
     "replace_directory",
+    "resolve_resume",
     "save_checkpoint",
     "save_model_dir",
+    "warn_recipe_changes",
     "write_text_atomic",
 ]
 
@@ -180,3 +182,34 @@ def save_model_dir(model: Any, processor: Any, recipe: Any, target: Path, extra:
     for name, payload in extra.items():
         save_metrics_json(payload, tmp / name)
     replace_directory(tmp, target)
+
+
+def warn_recipe_changes(accelerator: Any, recipe: Any, previous: Path) -> None:
+    """On resume, name the recipe keys that differ from the run's saved recipe (max_steps aside)."""
+    if not previous.is_file():
+        return
+    from granalign.training.recipe import load_recipe
+
+    before, now = load_recipe(previous).flat_dict(), recipe.flat_dict()
+    changed = sorted(
+        k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k != "train.max_steps"
+    )
+    if changed:
+        accelerator.print(
+            f"warning: resuming with a changed recipe ({', '.join(changed)}); the run may not "
+            "match an uninterrupted one"
+        )
+
+
+def resolve_resume(resume: bool | str | os.PathLike[str], output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: None (fresh start), the latest under `output_dir` (`resume=True`,
+    None if there is none yet), or the given checkpoint / run directory (which must exist)."""
+    if not resume:
+        return None
+    if resume is True:
+        return find_latest_checkpoint(output_dir)  # nothing yet: start from scratch
+    path = Path(resume)
+    found = find_latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+    if found is None or not found.is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume from at {str(path)!r}")
+    return found

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,55 +23,24 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from granalign.evaluation.protocols import format_metrics_table, save_metrics_json
-from granalign.evaluation.runner import evaluate_split
 from granalign.modeling_granalign import GranAlignModel
-from granalign.training.builders import (
-    build_model,
-    build_processor,
-    build_train_pairs,
-    load_recipe_splits,
-)
+from granalign.training.builders import build_model, build_processor, build_train_pairs, load_recipe_splits
 from granalign.training.checkpoint import (
     RECIPE_FILE,
     TrainerState,
-    find_latest_checkpoint,
     load_checkpoint,
     recover_directory,
+    resolve_resume,
     save_checkpoint,
-    save_model_dir,
+    warn_recipe_changes,
 )
 from granalign.training.collate import AlignmentCollator, EpochPermutationSampler
 from granalign.training.optim import LRSchedule, build_optimizer, build_scheduler
 from granalign.training.recipe import Recipe, save_recipe
+from granalign.training.selection import TrainResult, evaluate_dev, finish_run
 from granalign.training.step import ContrastiveStep
 
 __all__ = ["TrainResult", "train"]
-
-
-@dataclass
-class TrainResult:
-    """What a run produced. `interrupted` is True when `train.max_steps` stopped it early."""
-
-    output_dir: Path
-    final_dir: Path | None
-    best_metric: float | None
-    test_metrics: dict[str, Any] | None
-    global_step: int
-    interrupted: bool
-    num_bad_rows: int
-
-
-def _resolve_resume(resume: bool | str | os.PathLike[str], output_dir: Path) -> Path | None:
-    if not resume:
-        return None
-    if resume is True:
-        return find_latest_checkpoint(output_dir)  # nothing yet: start from scratch
-    path = Path(resume)
-    found = find_latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
-    if found is None or not found.is_dir():
-        raise FileNotFoundError(f"no checkpoint to resume from at {str(path)!r}")
-    return found
 
 
 def train(
@@ -144,10 +112,11 @@ def train(
 
     state = TrainerState(num_bad_rows=num_bad)
     recover_directory(output_dir / "best")
-    checkpoint = _resolve_resume(resume, output_dir)
+    checkpoint = resolve_resume(resume, output_dir)
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, scheduler)
         accelerator.print(f"resumed from {checkpoint} (epoch {state.epoch}, step {state.global_step})")
+        warn_recipe_changes(accelerator, recipe, output_dir / RECIPE_FILE)
     if accelerator.is_main_process:
         save_recipe(recipe, output_dir / RECIPE_FILE)
     if t.log_with != "none":
@@ -211,121 +180,13 @@ def train(
         state.epoch += 1
         state.step_in_epoch = 0
         if dev_split is not None and (state.epoch % recipe.eval.every_epochs == 0 or state.epoch == t.epochs):
-            _evaluate_dev(
+            evaluate_dev(
                 recipe, accelerator, unwrapped, processor, dev_split, state, output_dir, hub_callback
             )
         save_checkpoint(accelerator, output_dir, state, scheduler)
 
     result = TrainResult(output_dir, None, state.best_metric, None, state.global_step, interrupted, num_bad)
     if not interrupted:
-        result = _finish(recipe, accelerator, unwrapped, processor, test_split, state, output_dir)
+        result = finish_run(recipe, accelerator, unwrapped, processor, test_split, state, output_dir)
     accelerator.end_training()
     return result
-
-
-def _evaluate_dev(
-    recipe: Recipe,
-    accelerator: Accelerator,
-    model: GranAlignModel,
-    processor: Any,
-    split: Any,
-    state: TrainerState,
-    output_dir: Path,
-    hub_callback: Any = None,
-) -> None:
-    e = recipe.eval
-    result = evaluate_split(
-        model,
-        processor,
-        split,
-        "all",
-        e.batch_size,
-        e.image_chunk_size,
-        e.text_chunk_size,
-        accelerator=accelerator,
-        progress=recipe.train.progress_bar,
-    )
-    metrics = result["metrics"]
-    state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
-    if recipe.train.log_with != "none":
-        accelerator.log({f"dev/{k}": v for k, v in metrics.items()}, step=state.global_step)
-    improved = state.best_metric is None or metrics["rsum"] > state.best_metric
-    accelerator.print(
-        f"epoch {state.epoch}: dev rSum {metrics['rsum']:.2f} (i2t R@1 {metrics['i2t_r1']:.1f}, "
-        f"t2i R@1 {metrics['t2i_r1']:.1f}){'  * best' if improved else ''}"
-    )
-    if improved:
-        state.best_metric, state.best_epoch = float(metrics["rsum"]), state.epoch
-        if accelerator.is_main_process:
-            info = {
-                "epoch": state.epoch,
-                "step": state.global_step,
-                "split": recipe.data.eval_split,
-                **metrics,
-            }
-            save_model_dir(model, processor, recipe, output_dir / "best", {"dev_metrics.json": info})
-            if hub_callback is not None:
-                hub_callback.on_save(output_dir / "best", step=state.global_step, epoch=state.epoch)
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _plot_curves(state, output_dir)
-
-
-def _finish(
-    recipe: Recipe,
-    accelerator: Accelerator,
-    model: GranAlignModel,
-    processor: Any,
-    test_split: Any,
-    state: TrainerState,
-    output_dir: Path,
-) -> TrainResult:
-    """Load the dev-selected model, evaluate it on the test split once, export it to `final/`."""
-    best_dir = output_dir / "best"
-    if state.best_metric is not None and best_dir.is_dir():
-        model = GranAlignModel.from_pretrained(best_dir).to(accelerator.device)
-    test = None
-    if test_split is not None:
-        e = recipe.eval
-        test = evaluate_split(
-            model,
-            processor,
-            test_split,
-            e.protocol,
-            e.batch_size,
-            e.image_chunk_size,
-            e.text_chunk_size,
-            accelerator=accelerator,
-            progress=recipe.train.progress_bar,
-        )
-        accelerator.print(f"test split {recipe.data.test_split!r}, protocol {e.protocol!r}:")
-        accelerator.print(format_metrics_table(test))
-    final = output_dir / "final"
-    if accelerator.is_main_process:
-        summary = {
-            "best_dev_rsum": state.best_metric,
-            "best_epoch": state.best_epoch,
-            "global_step": state.global_step,
-            "num_bad_rows": state.num_bad_rows,
-            "dev_history": state.history,
-            "test": test,
-        }
-        save_model_dir(model, processor, recipe, final, {"metrics.json": summary})
-        save_metrics_json(summary, output_dir / "metrics.json")
-        _plot_curves(state, output_dir)
-        accelerator.print(f"saved the dev-selected model to {final}")
-    accelerator.wait_for_everyone()
-    return TrainResult(
-        output_dir, final, state.best_metric, test, state.global_step, False, state.num_bad_rows
-    )
-
-
-def _plot_curves(state: TrainerState, output_dir: Path) -> None:
-    """Write loss, learning-rate and dev-rSum curves to `output_dir/training_curves.png` (needs matplotlib)."""
-    try:
-        from granalign.viz.curves import plot_training_curves
-    except ModuleNotFoundError:  # matplotlib is in the `train` extra; a bare install skips the figure
-        return
-    rows = state.curves + state.history
-    if rows:
-        plot_training_curves(rows, output_dir / "training_curves.png")
