@@ -1,6 +1,7 @@
 """Client sides of tests/test_hub_push.py, run as fresh processes whose `HF_ENDPOINT` is the test Hub.
 
-    python hub_clients.py push SPEC_JSON     granalign installed: push, CLI, hook, failures, datasets
+    python hub_clients.py push SPEC_JSON     granalign installed: push, CLI, hook, `train --push-to-hub`,
+                                             failures, datasets
     python hub_clients.py remote SPEC_JSON   granalign blocked: remote-code loading and the card's snippet
 
 `remote` imports its libraries first and then waits for the file `spec["go"]` to appear, so the test can
@@ -164,8 +165,26 @@ def push(spec: dict[str, Any]) -> dict[str, Any]:
                 for split in local}  # fmt: skip
         return {"splits": sorted(loaded), "same": same, "features": sorted(loaded["train"].features)}
 
+    def train_cli() -> dict[str, Any]:
+        from granalign.cli import main
+
+        repo, output = f"{org}/trained", spec["train_output"]
+        argv = ["train", spec["train_recipe"], "--output-dir", output, "--push-to-hub", "--hub-model-id", repo,
+                "--hub-private", "--hub-revision", "runs", "--hub-push-every-checkpoint"]  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            status = main(argv)
+        pushed_model = GranAlignModel.from_pretrained(repo, revision="runs")
+        local = GranAlignModel.from_pretrained(os.path.join(output, "final"))
+        return {"status": status, "private": api.model_info(repo).private,
+                "titles": [c.title for c in api.list_repo_commits(repo, revision="runs")],
+                "files": sorted(api.list_repo_files(repo, revision="runs")),
+                "main_files": sorted(api.list_repo_files(repo)),
+                "readme": api.hf_hub_download(repo, "README.md", revision="runs"),
+                "scores": _scores(pushed_model, GranAlignProcessor.from_pretrained(repo, revision="runs")),
+                "local_scores": _scores(local, GranAlignProcessor.from_pretrained(os.path.join(output, "final")))}  # fmt: skip
+
     for scenario in (no_token, wrong_token, private_main, cli_branch_with_login, flaky, callback, reshard,
-                     local_classes, dataset):  # fmt: skip
+                     local_classes, dataset, train_cli):  # fmt: skip
         _attempt(results, scenario.__name__, scenario)
     return results
 

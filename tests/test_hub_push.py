@@ -20,7 +20,7 @@ import torch
 import yaml
 from hub_server import HubServer
 from PIL import Image
-from tiny_configs import IMAGE_SIZE, tiny_model, tiny_tokenizer
+from tiny_configs import IMAGE_SIZE, MICRO_RECIPE, tiny_model, tiny_tokenizer
 from transformers import ViTImageProcessorPil
 
 from granalign import GranAlignProcessor
@@ -57,6 +57,8 @@ def model_dir(tmp_path_factory):
     save_metrics_json(summary, root / "sharded" / "metrics.json")
     (root / "empty").mkdir()
     (root / "dev-recipe.yaml").write_text(yaml.safe_dump({**recipe, "name": "dev-run"}))
+    micro = {**MICRO_RECIPE, "train": {**MICRO_RECIPE["train"], "checkpoint_every_steps": 0}}
+    (root / "micro-recipe.yaml").write_text(yaml.safe_dump(micro))
     return root, model, processor, results["all"]["metrics"]
 
 
@@ -99,7 +101,8 @@ def clients(hub, model_dir, tmp_path_factory):
     try:
         spec = {"org": ORG, "token": TOKEN, "model_dir": str(root / "model"), "sharded_dir": str(root / "sharded"),
                 "eval_json": str(root / "eval.json"), "empty_dir": str(root / "empty"),
-                "recipe": str(root / "dev-recipe.yaml")}  # fmt: skip
+                "recipe": str(root / "dev-recipe.yaml"), "train_recipe": str(root / "micro-recipe.yaml"),
+                "train_output": str(home / "micro-run")}  # fmt: skip
         pushed = _outcome(_client("push", spec, hub, home / "push"))
         go.touch()
         return pushed, _outcome(remote)
@@ -217,6 +220,22 @@ def test_training_hook_pushes_checkpoints_and_the_final_model(pushed):
     outcome = _ok(pushed["callback"])
     assert outcome["titles"] == ["End of training", "Training in progress: step 3, epoch 1", "initial commit"]
     assert len(outcome["failures"]) == 1 and "step 6" in outcome["failures"][0]
+
+
+def test_train_cli_pushes_each_new_best_and_the_final_model_to_a_private_branch(pushed):
+    outcome = _ok(pushed["train_cli"])
+    assert outcome["status"] == 0 and outcome["private"] is True
+    titles = outcome["titles"]
+    assert titles[0] == "End of training" and titles[-1] == "initial commit"
+    assert titles[1:-1] and all(t.startswith("Training in progress: step ") for t in titles[1:-1])
+    assert outcome["main_files"] == [".gitattributes"]  # everything went to the branch
+    for name in ("model.safetensors", "config.json", "modeling_granalign.py", "tokenizer.json",
+                 "processor_config.json", "granalign_recipe.yaml", "README.md"):  # fmt: skip
+        assert name in outcome["files"], name
+    meta = yaml.safe_load(Path(outcome["readme"]).read_text().split("---")[1])
+    [entry] = meta["model-index"][0]["results"]  # the run's test metrics, from its metrics.json
+    assert entry["dataset"]["split"] == "test" and entry["metrics"][-1]["type"] == "rsum"
+    torch.testing.assert_close(torch.tensor(outcome["scores"]), torch.tensor(outcome["local_scores"]))
 
 
 def test_resharded_push_replaces_stale_weights_and_loads_back(pushed, model_dir, hub):

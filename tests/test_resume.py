@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_configs import MICRO_RECIPE
 
 from granalign import GranAlignModel
 from granalign.cli import main
@@ -19,52 +20,11 @@ from granalign.training.checkpoint import find_latest_checkpoint
 from granalign.training.loop import train
 from granalign.training.recipe import recipe_from_dict, save_recipe
 
-MICRO = {
-    "name": "micro",
-    "seed": 3,
-    "data": {
-        "source": "builtin",
-        "args": {"num_train": 16, "num_validation": 6, "num_test": 6, "image_size": 32},
-    },
-    "model": {
-        "vision_config": {
-            "model_type": "vit",
-            "hidden_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-            "image_size": 32,
-            "patch_size": 16,
-        },
-        "text_config": {
-            "model_type": "bert",
-            "hidden_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-            "max_position_embeddings": 40,
-        },
-        "tokenizer": "captions",
-        "max_length": 24,
-        "grm": {"embed_dim": 16, "num_regions": 3},
-    },
-    "augment": {"flip_swaps_left_right": True},
-    "optim": {"lr": 1e-3, "schedule": "step", "milestones": [1], "warmup_steps": 2},
-    "train": {
-        "epochs": 2,
-        "batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "checkpoint_every_steps": 4,
-        "log_with": "none",
-        "progress_bar": False,
-    },
-    "eval": {"batch_size": 4},
-}
 STEPS_PER_EPOCH = 10  # 16 images x 5 captions / (batch 4 x 2 accumulated)
 
 
 def _recipe(output_dir: Path, **train_overrides):
-    data = json.loads(json.dumps(MICRO))
+    data = json.loads(json.dumps(MICRO_RECIPE))
     data["output_dir"] = str(output_dir)
     data["train"].update(train_overrides)
     return recipe_from_dict(data)

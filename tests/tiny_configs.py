@@ -135,3 +135,47 @@ def tiny_tokenizer(directory):
     path = directory / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n")
     return BertTokenizerFast(vocab=str(path))
+
+
+# A training recipe small enough for end-to-end tests: 10 optimiser steps per epoch on 16 scenes.
+MICRO_RECIPE: dict = {
+    "name": "micro",
+    "seed": 3,
+    "data": {
+        "source": "builtin",
+        "args": {"num_train": 16, "num_validation": 6, "num_test": 6, "image_size": 32},
+    },
+    "model": {
+        "vision_config": {
+            "model_type": "vit",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "image_size": 32,
+            "patch_size": 16,
+        },
+        "text_config": {
+            "model_type": "bert",
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 40,
+        },
+        "tokenizer": "captions",
+        "max_length": 24,
+        "grm": {"embed_dim": 16, "num_regions": 3},
+    },
+    "augment": {"flip_swaps_left_right": True},
+    "optim": {"lr": 1e-3, "schedule": "step", "milestones": [1], "warmup_steps": 2},
+    "train": {
+        "epochs": 2,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "checkpoint_every_steps": 4,
+        "log_with": "none",
+        "progress_bar": False,
+    },
+    "eval": {"batch_size": 4},
+}
