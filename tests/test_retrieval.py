@@ -15,6 +15,7 @@ from tiny_configs import IMAGE_SIZE, WORDS, image_inputs, text_inputs, tiny_mode
 from transformers import ViTImageProcessorPil
 
 from granalign import GranAlignProcessor
+from granalign.evaluation.two_stage import fold_two_stage_scores
 from granalign.retrieval import (
     GalleryIndex,
     encode_captions,
@@ -466,3 +467,23 @@ def test_cli_append_and_revision_errors(saved_model, tmp_path):
         _cli(
             ["search", texts, str(tmp_path / "other"), "--image", str(directory / "images"), "--no-progress"]
         )
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_fold_two_stage_scores_shortlist_within_each_fold(encoded, direction):
+    model, images, texts = encoded
+    text_to_image = [0, 0, 1, 2, 2, 3, 4, 4, 5]  # 6 images, 3 folds of 2 images
+    scores = fold_two_stage_scores(model, images, texts, text_to_image, 3, direction, shortlist=1)
+    full, first = model.score(images, texts), _first_stage(model, images, texts, "regions")
+    expected = torch.full((6, 9), -torch.inf)
+    for lo, cols in ((0, slice(0, 3)), (2, slice(3, 6)), (4, slice(6, 9))):
+        block = first[lo : lo + 2, cols]
+        keep = torch.zeros_like(block, dtype=torch.bool)
+        if direction == "i2t":
+            keep.scatter_(1, block.topk(1, dim=1).indices, True)
+        else:
+            keep.scatter_(0, block.topk(1, dim=0).indices, True)
+        expected[lo : lo + 2, cols] = torch.where(keep, full[lo : lo + 2, cols], -torch.inf)
+    torch.testing.assert_close(scores, expected)
+    with pytest.raises(ValueError, match="image-row order"):
+        fold_two_stage_scores(model, images, texts, text_to_image[::-1], 3, direction)

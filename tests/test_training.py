@@ -19,8 +19,11 @@ from PIL import Image
 
 from granalign import GranAlignConfig, GranAlignModel, concat_image_outputs, concat_text_outputs
 from granalign.data.schema import image_features, region_features
+from granalign.evaluation.metrics import RECALL_KEYS, retrieval_metrics
 from granalign.evaluation.runner import caption_index, evaluate_split, score_split
+from granalign.evaluation.two_stage import evaluate_split_two_stage
 from granalign.processing_granalign import GranAlignProcessor
+from granalign.retrieval import region_level_scores
 from granalign.training.augment import CaptionAugmenter, ImageAugmenter, sample_rng, swap_left_right
 from granalign.training.builders import scratch_image_processor, skip_bad_rows
 from granalign.training.checkpoint import (
@@ -388,3 +391,41 @@ def test_evaluate_split_matches_brute_force_scores() -> None:
     assert set(result["metrics"]) >= {"i2t_r1", "t2i_r10", "rsum"}
     with pytest.raises(ValueError, match="expects 1000 images"):
         evaluate_split(model, processor, split, "flickr30k-1k", progress=False)
+
+
+def test_two_stage_evaluation_reports_the_recall_a_shortlist_loses() -> None:
+    split = _image_split()
+    processor = _processor(split)
+    model = _model(len(processor.tokenizer)).eval()
+    exhaustive = evaluate_split(model, processor, split, "all", batch_size=2, progress=False)
+    full = evaluate_split_two_stage(
+        model, processor, split, "all", shortlist=10, batch_size=2, progress=False
+    )
+    assert full["exhaustive"]["metrics"] == pytest.approx(exhaustive["metrics"])
+    assert full["two_stage"]["metrics"] == pytest.approx(exhaustive["metrics"])  # nothing left out
+    assert all(value == 0 for value in full["recall_lost"].values())
+
+    captions, text_to_image = caption_index(split)
+    with torch.no_grad():
+        images = model.encode_image(**processor(images=list(split["image"])))
+        texts = model.encode_text(**processor(text=captions, padding="longest"))
+        scores = model.score(images, texts)
+        first = region_level_scores(images, texts, model.config.similarity_negative_slope)
+    i2t_only = torch.full_like(scores, -torch.inf).scatter(1, first.topk(1, dim=1).indices, 0) + scores
+    t2i_only = torch.full_like(scores, -torch.inf).scatter(0, first.topk(1, dim=0).indices, 0) + scores
+    expected_i2t, expected_t2i = (
+        retrieval_metrics(i2t_only, text_to_image),
+        retrieval_metrics(t2i_only, text_to_image),
+    )
+    short = evaluate_split_two_stage(
+        model, processor, split, "all", shortlist=1, batch_size=2, progress=False
+    )
+    got = short["two_stage"]["metrics"]
+    assert {k: got[k] for k in got if k.startswith("i2t")} == pytest.approx(
+        {k: v for k, v in expected_i2t.items() if k.startswith("i2t")}
+    )
+    assert {k: got[k] for k in got if k.startswith("t2i")} == pytest.approx(
+        {k: v for k, v in expected_t2i.items() if k.startswith("t2i")}
+    )
+    assert got["rsum"] == pytest.approx(sum(got[k] for k in RECALL_KEYS))
+    assert short["recall_lost"]["rsum"] == pytest.approx(exhaustive["metrics"]["rsum"] - got["rsum"])

@@ -107,17 +107,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = GranAlignModel.from_pretrained(model_dir).to(device)
     processor = GranAlignProcessor.from_pretrained(model_dir)
-    result = evaluate_split(
-        model,
-        processor,
-        split,
-        args.protocol,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        check_size=not args.no_size_check,
+    options = dict(
+        batch_size=args.batch_size, progress=not args.no_progress, check_size=not args.no_size_check
     )
     print(f"{model_dir} on {data.source!r} split {args.split!r}, protocol {args.protocol!r}:")
-    print(format_metrics_table(result))
+    if args.shortlist is None:
+        result = evaluate_split(model, processor, split, args.protocol, **options)
+        print(format_metrics_table(result))
+    else:
+        from granalign.evaluation.two_stage import evaluate_split_two_stage
+
+        result = evaluate_split_two_stage(model, processor, split, args.protocol, args.shortlist,
+                                          args.shortlist_by, **options)  # fmt: skip
+        seconds, lost = result["seconds"], result["recall_lost"]
+        two_stage = f"two-stage ({args.shortlist_by}, shortlist {args.shortlist})"
+        print(format_metrics_table({"exhaustive": result["exhaustive"], two_stage: result["two_stage"]}))
+        print("recall lost by two-stage: " + ", ".join(f"{key} {value:.2f}" for key, value in lost.items()))
+        print(
+            f"scoring time: exhaustive {seconds['exhaustive']:.2f} s, two-stage {seconds['two_stage']:.2f} s"
+        )
     if args.output_json:
         save_metrics_json(result, args.output_json)
         print(f"wrote {args.output_json}")
@@ -168,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-size-check", action="store_true", help="allow any image count for the protocol"
     )
     evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument(
+        "--shortlist",
+        type=int,
+        metavar="N",
+        help="also evaluate two-stage search (shortlist N, then fine-grained re-ranking) and report the "
+        "recall it loses against exhaustive scoring",
+    )
+    evaluate.add_argument(
+        "--shortlist-by", default="regions", choices=("regions", "embeddings"), help="two-stage first stage"
+    )
 
     add_train_push_arguments(train)
     add_push_parser(commands)
