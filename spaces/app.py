@@ -6,6 +6,10 @@ Set the model with the `GRANALIGN_MODEL` environment variable (a Space variable)
 
     GRANALIGN_MODEL=runs/tiny/final python spaces/app.py      # serves on 127.0.0.1:7860
 
+To search your own images instead of the built-in scenes, point `GRANALIGN_INDEX` at an image index that
+`granalign index` built with the same model (e.g. a file committed to the Space) and, unless its item ids
+are paths valid from the app's working directory, `GRANALIGN_IMAGE_ROOT` at the folder holding the images.
+
 On a Space (where `SPACE_ID` is set) it serves on 0.0.0.0, as Spaces expect; `GRADIO_SERVER_NAME` and
 `GRADIO_SERVER_PORT` override the address.
 """
@@ -20,12 +24,15 @@ import gradio as gr
 
 from granalign.viz.cli_viz import load_model_and_processor
 from granalign.viz.demo import build_demo, launch_demo
+from granalign.viz.index_search import IndexImageSearch
 
 MODEL_VARIABLE = "GRANALIGN_MODEL"
+INDEX_VARIABLE = "GRANALIGN_INDEX"
+IMAGE_ROOT_VARIABLE = "GRANALIGN_IMAGE_ROOT"
 
 
 def create_app() -> gr.Blocks:
-    """Load the model named by `GRANALIGN_MODEL` and build the demo app."""
+    """Load the model named by `GRANALIGN_MODEL` (and the index `GRANALIGN_INDEX`, if set); build the app."""
     name = os.environ.get(MODEL_VARIABLE, "").strip()
     if not name:
         raise ValueError(
@@ -33,7 +40,14 @@ def create_app() -> gr.Blocks:
         )
     model, processor = load_model_and_processor(name, os.environ.get("GRANALIGN_DEVICE") or None)
     gallery_size = int(os.environ.get("GRANALIGN_GALLERY_SIZE", "12"))
-    return build_demo(model, processor, gallery_size=gallery_size, title=f"GranAlign demo: {name}")
+    search = None
+    index = os.environ.get(INDEX_VARIABLE, "").strip()
+    if index:  # refuses an index built by another model, and missing images, before serving
+        root = os.environ.get(IMAGE_ROOT_VARIABLE, "").strip() or None
+        search = IndexImageSearch(model, processor, index, image_root=root)
+    return build_demo(
+        model, processor, search=search, gallery_size=gallery_size, title=f"GranAlign demo: {name}"
+    )
 
 
 def main() -> None:

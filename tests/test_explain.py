@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from matplotlib.patches import Rectangle
+from packaging.version import Version
 from PIL import Image
 from tiny_configs import WORDS, tiny_model
 
@@ -309,3 +310,111 @@ def test_space_app_builds_the_demo(saved_vit, monkeypatch):
     monkeypatch.setenv(app.MODEL_VARIABLE, str(saved_vit))
     monkeypatch.setenv("GRANALIGN_GALLERY_SIZE", "2")
     assert isinstance(app.create_app(), gradio.Blocks)
+
+
+# ------------------------------------------------------------------------ demo search over a gallery index
+
+
+@pytest.fixture(scope="module")
+def gallery_index(saved_vit, tmp_path_factory):
+    """Four built-in scenes as PNGs, indexed by the saved model twice: ids as full paths and as file names."""
+    from granalign.retrieval import GalleryIndex, encode_images
+    from granalign.viz.scene_gallery import example_scenes
+
+    directory = tmp_path_factory.mktemp("gallery")
+    (directory / "images").mkdir()
+    files = []
+    for scene in example_scenes(4, image_size=SCENE_SIZE):
+        files.append(directory / "images" / f"{scene.image_id}.png")
+        scene.image.save(files[-1])
+    model, processor = load_model_and_processor(str(saved_vit), "cpu")
+    outputs = encode_images(model, processor, files, progress=False)
+    paths = GalleryIndex.build(model, outputs, [str(f) for f in files]).save(directory / "paths.safetensors")
+    names = GalleryIndex.build(model, outputs, [f.stem for f in files]).save(directory / "names.safetensors")
+    return model, processor, paths, names, directory / "images"
+
+
+@pytest.mark.parametrize("mode", ["two-stage", "exhaustive"])
+def test_index_search_returns_what_the_retrieval_api_returns(gallery_index, mode):
+    from granalign.retrieval import GalleryIndex, encode_captions, search
+    from granalign.viz.index_search import IndexImageSearch
+
+    model, processor, paths, _, _ = gallery_index
+    adapter = IndexImageSearch(model, processor, paths, mode=mode, shortlist=2)
+    hits = adapter.search(f"  {CAPTION} ", 3)
+    queries = encode_captions(model, processor, [CAPTION], progress=False)
+    expected = search(model, GalleryIndex.load(paths), queries, k=3, mode=mode, shortlist=2)
+    assert [hit.image_id for hit in hits] == expected.ids[0]
+    assert [hit.score for hit in hits] == pytest.approx(expected.scores[0].tolist(), abs=1e-6)
+    for hit in hits:  # the indexed picture itself
+        assert isinstance(hit.image, Image.Image)
+        np.testing.assert_array_equal(
+            np.asarray(hit.image), np.asarray(Image.open(hit.image_id).convert("RGB"))
+        )
+    with pytest.raises(ValueError, match="query is empty"):
+        adapter.search("  ", 3)
+
+
+def test_index_search_finds_images_under_a_root_and_refuses_other_models(gallery_index, tmp_path):
+    from granalign.viz.index_search import IndexImageSearch
+
+    model, processor, paths, names, images = gallery_index
+    hits = IndexImageSearch(model, processor, names, image_root=images).search(CAPTION, 2)
+    assert len(hits) == 2 and (images / f"{hits[0].image_id}.png").is_file()
+    with pytest.raises(FileNotFoundError, match=r"no image file 'test-\d+' for index item .*--image-root"):
+        IndexImageSearch(model, processor, names)  # file names, no root: the images are not found
+    with pytest.raises(FileNotFoundError, match=r"no image file '.*elsewhere/test-"):
+        IndexImageSearch(model, processor, names, image_root=tmp_path / "elsewhere")
+    other = tiny_model("vit", seed=7).eval()
+    with pytest.raises(ValueError, match=r"this index was built by model sha256:.*rebuild the index"):
+        IndexImageSearch(other, processor, paths)
+
+
+def test_demo_cli_and_space_search_an_index_and_refuse_another_models(
+    gallery_index, saved_vit, tokenizer, tmp_path, monkeypatch
+):
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'granalign[demo]')")
+    from granalign.viz import demo
+    from granalign.viz.index_search import IndexImageSearch
+
+    _, _, paths, names, images = gallery_index
+    served = []
+    monkeypatch.setattr(demo, "launch_demo", lambda app, **kwargs: served.append(kwargs))
+    built = []
+    monkeypatch.setattr(demo, "build_demo", lambda *args, **kwargs: built.append(kwargs["search"]))
+    args = _parser().parse_args(["demo", str(saved_vit), "--index", str(names), "--image-root", str(images)])
+    assert args.func(args) == 0 and len(served) == 1
+    assert isinstance(built[0], IndexImageSearch) and len(built[0].search(CAPTION, 4)) == 4
+    with pytest.raises(ValueError, match="pass --index too"):
+        args = _parser().parse_args(["demo", str(saved_vit), "--image-root", str(images)])
+        args.func(args)
+
+    other = tmp_path / "other"
+    tiny_model("vit", seed=7).save_pretrained(other)
+    _processor(tokenizer, (32, 32)).save_pretrained(other)
+    args = _parser().parse_args(["demo", str(other), "--index", str(paths)])
+    with pytest.raises(ValueError, match="this index was built by model sha256:"):
+        args.func(args)
+    assert len(served) == 1  # refused before serving
+
+    spec = importlib.util.spec_from_file_location("space_app", REPO_ROOT / "spaces" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    monkeypatch.setenv(app.MODEL_VARIABLE, str(other))
+    monkeypatch.setenv(app.INDEX_VARIABLE, str(paths))
+    with pytest.raises(ValueError, match="this index was built by model sha256:"):
+        app.create_app()
+
+
+def test_space_readme_configures_a_gradio_space():
+    import yaml
+
+    text = (REPO_ROOT / "spaces" / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert header["sdk"] == "gradio" and header["app_file"] == "app.py"
+    assert (REPO_ROOT / "spaces" / header["app_file"]).is_file()
+    assert header["license"] == "apache-2.0" and header["pinned"] is False
+    assert {"title", "emoji", "colorFrom", "colorTo", "sdk_version", "short_description"} <= set(header)
+    assert len(header["short_description"]) <= 60
+    assert Version(str(header["sdk_version"])) >= Version("6.0")  # as the demo extra requires

@@ -2,7 +2,7 @@
 
     granalign explain MODEL --image scene.png --text "a red circle left of a blue square" [--output-dir DIR]
     granalign explain MODEL --regions feats.npy [--boxes boxes.npy] [--image scene.png] --text "..."
-    granalign demo MODEL [--host 127.0.0.1] [--port 7860]
+    granalign demo MODEL [--host 127.0.0.1] [--port 7860] [--index gallery.safetensors [--image-root DIR]]
 
 MODEL is a saved model directory (with its processor) or a Hub repo id. Importing this module is cheap:
 matplotlib and gradio are imported only when a command runs. User errors raise `ValueError` /
@@ -151,6 +151,13 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     parser.add_argument("--gallery-size", type=int, default=12, help="built-in scenes in the search gallery")
+    parser.add_argument(
+        "--index",
+        help="search this image index (from `granalign index`, same MODEL) instead of built-in scenes",
+    )
+    parser.add_argument(
+        "--image-root", help="folder the index's item ids (image paths) are relative to (default: as stored)"
+    )
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     parser.set_defaults(func=run_demo)
     return parser
@@ -166,8 +173,18 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.gallery_size < 1:
         raise ValueError(f"--gallery-size must be >= 1, got {args.gallery_size}")
+    if args.image_root and not args.index:
+        raise ValueError("--image-root locates the images of a gallery index: pass --index too")
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise FileNotFoundError(f"--image-root {args.image_root!r} is not a folder")
     model, processor = load_model_and_processor(args.model, args.device)
-    app = build_demo(model, processor, gallery_size=args.gallery_size)
+    search = None
+    if args.index:  # refuses an index another model built, and missing images, before serving
+        from .index_search import IndexImageSearch
+
+        search = IndexImageSearch(model, processor, args.index, image_root=args.image_root)
+        print(f"searching {args.index}: {search.index!r}")
+    app = build_demo(model, processor, search=search, gallery_size=args.gallery_size)
     print(f"serving the demo of {args.model} on http://{args.host}:{args.port} (Ctrl+C to stop)")
     try:
         launch_demo(app, host=args.host, port=args.port, block=True)

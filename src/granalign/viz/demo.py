@@ -117,11 +117,12 @@ def build_demo(
 
     Args:
         model, processor: a `GranAlignModel` with a vision tower and its `GranAlignProcessor`.
-        search: the search backend (`search(query, top_k) -> list[SearchHit]`); by default the built-in
-            scene gallery (`SceneGallerySearch`, `gallery_size` images) encoded with this model.
+        search: the search backend (`search(query, top_k) -> list[SearchHit]`, e.g. `IndexImageSearch`
+            over a `granalign index` file; its `lock`, if any, also guards the ranking tab's model calls);
+            by default the built-in scene gallery (`SceneGallerySearch`, `gallery_size` images).
         num_examples: built-in example scenes offered in the ranking tab.
     """
-    backend = DemoBackend(model, processor)
+    backend = DemoBackend(model, processor, lock=getattr(search, "lock", None))
     if search is None:
         search = SceneGallerySearch(model, processor, num_images=gallery_size, lock=backend.lock)
     example_dir = Path(tempfile.mkdtemp(prefix="granalign-demo-"))
@@ -152,7 +153,7 @@ def build_demo(
     def run_search(query: str, top_k: float):
         try:
             hits = search.search(query, int(top_k))
-        except ValueError as error:
+        except (ValueError, OSError) as error:
             raise _user_error(error) from None
         return [(hit.image, f"{hit.image_id}  score {hit.score:.4f}") for hit in hits]
 
