@@ -84,8 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from granalign.modeling_granalign import GranAlignModel
     from granalign.processing_granalign import GranAlignProcessor
     from granalign.training.builders import get_split, load_recipe_dataset
-    from granalign.training.loop import RECIPE_FILE
-    from granalign.training.recipe import DataRecipe, load_recipe
+    from granalign.training.recipe import RECIPE_FILE, DataRecipe, load_recipe
 
     if args.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {args.protocol!r}; known protocols: {sorted(PROTOCOLS)}")

@@ -14,7 +14,7 @@ try:  # transformers >= 5
 except ImportError:  # pragma: no cover - transformers 4.x
     from transformers import PretrainedConfig as PreTrainedConfig
 
-__all__ = ["VISION_PREFIX_TOKENS", "GranAlignConfig"]
+__all__ = ["ABLATION_VARIANTS", "VISION_PREFIX_TOKENS", "GranAlignConfig"]
 
 # Tokens a vision tower puts before its spatial tokens ([CLS], distillation, registers). Towers not listed
 # (Swin, ConvNeXt, SigLIP, ...) output spatial tokens only. DINOv2 adds its register tokens on top.
@@ -28,6 +28,22 @@ VISION_PREFIX_TOKENS: dict[str, int] = {
     "clip_vision_model": 1,
     "vit_msn": 1,
     "vit_mae": 1,
+}
+
+# The ablation study: each variant's config switches on top of the full model (`benchmarks/ablation.py`).
+# "global_baseline" is a global dual encoder: no adapters, no regions, mean-pooled embeddings.
+ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no_significance_adapter": {"use_significance_adapter": False},
+    "no_granularity_adapter": {"use_granularity_adapter": False},
+    "no_region_prompting": {"use_region_prompting": False},
+    "no_uncertainty": {"use_uncertainty": False},
+    "global_baseline": {
+        "use_significance_adapter": False,
+        "use_granularity_adapter": False,
+        "use_region_prompting": False,
+        "similarity_pooling": "mean",
+    },
 }
 
 _CONTRASTIVE_LOSSES = ("hinge", "infonce")

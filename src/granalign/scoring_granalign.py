@@ -128,18 +128,21 @@ def pooled_similarity(
     Args:
         cosine: `[n, L_v, m, L_t]` cosines, padding pairs pushed below −1.
         image_weights: `[n, L_v]` weights b of the image-side mean (0 at padding).
-        text_weights: `[m, L_t]` weights a of the caption-side mean (0 at padding).
+        text_weights: `[m, L_t]` weights a of the caption-side mean (0 at padding), shared by all images;
+            or `[n, m, L_t]` when every image has its own `m` captions (the gathered pairs of a rerank).
         negative_slope: LeakyReLU slope.
-        image_scales, text_scales: per-token feature scales (the soft masks, 1 at padding), or `None` for 1.
+        image_scales, text_scales: per-token feature scales (the soft masks, 1 at padding), or `None` for 1;
+            shaped as the weights of their side.
 
     Returns:
         `[n, m]` similarities (float32).
     """
-    scaled = cosine if image_scales is None else cosine * image_scales[:, :, None, None]
+    scaled = cosine if image_scales is None else cosine * image_scales[:, :, None, None].to(cosine.dtype)
     text_best = scaled.amax(dim=1).float()  # [n, m, L_t]: best image token for each caption token
     if text_scales is not None:
         text_best = text_best * text_scales
-    scaled = cosine if text_scales is None else cosine * text_scales.to(cosine.dtype)
+    # [m, L_t] or [n, m, L_t] → broadcasts over the image-token axis of [n, L_v, m, L_t]
+    scaled = cosine if text_scales is None else cosine * text_scales.unsqueeze(-3).to(cosine.dtype)
     image_best = scaled.amax(dim=3).float()  # [n, L_v, m]: best caption token for each image token
     if image_scales is not None:
         image_best = image_best * image_scales[:, :, None]

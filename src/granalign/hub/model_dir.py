@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from granalign.training.recipe import RECIPE_FILE
+
 __all__ = [
     "RECIPE_FILE",
     "UPLOAD_PATTERNS",
@@ -23,13 +25,12 @@ __all__ = [
     "read_json",
 ]
 
-RECIPE_FILE = "granalign_recipe.yaml"  # written next to the model by the training loop
 # top-level files of a saved model directory that belong on the Hub (pickles never do)
 UPLOAD_PATTERNS = (
     "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "*_granalign.py",
     "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "*.model",
-    "chat_template.jinja", "granalign_recipe.yaml", "metrics.json", "dev_metrics.json",
+    "chat_template.jinja", RECIPE_FILE, "metrics.json", "dev_metrics.json",
 )  # fmt: skip
 
 

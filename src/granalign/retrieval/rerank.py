@@ -9,8 +9,8 @@ two-stage search only needs the shortlisted pairs, `P ≪ N_img · N_txt`. Here:
    and segments of similar length are stacked into blocks of `B` images × `n` caption slots
    (`B · n ≤ pair_chunk_size`; short segments repeat their last caption, whose scores are dropped);
 3. one batched matrix product per block gives the cosines `[B, L_v, n, L_t]` of every image with its
-   own captions — the chunk kernel's layout, with captions that differ per image — pooled exactly as
-   `pooled_similarity` pools (`_block_pool`).
+   own captions — the chunk kernel's layout, with captions that differ per image — pooled by
+   `pooled_similarity` itself, with per-image caption weights `[B, n, L_t]`.
 
 A shortlist (one caption query, many candidate images; one image query, many captions; a score matrix
 restricted to shortlisted pairs) thus costs one product per block, and the image side is never copied
@@ -22,43 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput
-from granalign.scoring_granalign import CodedImages, CodedTexts, code_images, code_texts
+from granalign.scoring_granalign import CodedImages, CodedTexts, code_images, code_texts, pooled_similarity
 
 __all__ = ["block_level_similarities", "combine_levels", "pair_level_scores", "pair_scores", "trim_padding"]
-
-
-def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
-    return (values * weights).sum(dim) / weights.sum(dim).clamp_min(1e-6)
-
-
-def _block_pool(
-    cosine: torch.Tensor,
-    image_weights: torch.Tensor,
-    text_weights: torch.Tensor,
-    negative_slope: float,
-    image_scales: torch.Tensor | None = None,
-    text_scales: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`pooled_similarity` where every image has its own captions → `[B, n]` float32.
-
-    Args:
-        cosine: `[B, L_v, n, L_t]` cosines of image `b` with its `n` captions, padding pushed below −1.
-        image_weights, image_scales: `[B, L_v]`; text_weights, text_scales: `[B, n, L_t]`.
-    """
-    scaled = cosine if image_scales is None else cosine * image_scales[:, :, None, None].to(cosine.dtype)
-    text_best = scaled.amax(dim=1).float()  # [B, n, L_t]: best image token for each caption token
-    if text_scales is not None:
-        text_best = text_best * text_scales
-    scaled = cosine if text_scales is None else cosine * text_scales[:, None].to(cosine.dtype)
-    image_best = scaled.amax(dim=3).float()  # [B, L_v, n]: best caption token for each image token
-    if image_scales is not None:
-        image_best = image_best * image_scales[:, :, None]
-    text_term = _weighted_mean(F.leaky_relu(text_best, negative_slope), text_weights, dim=-1)
-    image_term = _weighted_mean(F.leaky_relu(image_best, negative_slope), image_weights[:, :, None], dim=1)
-    return text_term + image_term
 
 
 def block_level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: float) -> torch.Tensor:
@@ -76,13 +44,13 @@ def block_level_similarities(images: CodedImages, texts: CodedTexts, negative_sl
         return field.reshape(num_images, slots, length_t)
 
     cosine = torch.bmm(images.tokens, text_tokens).view(num_images, length_v, slots, length_t)
-    original = _block_pool(cosine, images.valid, per_image(texts.valid), negative_slope)
+    original = pooled_similarity(cosine, images.valid, per_image(texts.valid), negative_slope)
     text_weights, text_scales = per_image(texts.weights), per_image(texts.scales)
-    key = _block_pool(cosine, images.weights, text_weights, negative_slope, images.scales, text_scales)
+    key = pooled_similarity(cosine, images.weights, text_weights, negative_slope, images.scales, text_scales)
     del cosine
     region_cosine = torch.bmm(images.regions, text_tokens).view(num_images, -1, slots, length_t)
     region_weights = torch.ones(region_cosine.shape[:2], device=region_cosine.device)
-    uncertainty = _block_pool(
+    uncertainty = pooled_similarity(
         region_cosine, region_weights, text_weights, negative_slope, text_scales=text_scales
     )
     return torch.stack([original, key, uncertainty])

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from granalign.training.recipe import RECIPE_FILE
+
 __all__ = [
     "TrainerState",
     "find_latest_checkpoint",
@@ -37,7 +39,6 @@ __all__ = [
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-RECIPE_FILE = "granalign_recipe.yaml"
 
 
 @dataclass

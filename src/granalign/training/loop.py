@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from granalign.modeling_granalign import GranAlignModel
 from granalign.training.builders import build_model, build_processor, build_train_pairs, load_recipe_splits
 from granalign.training.checkpoint import (
-    RECIPE_FILE,
     TrainerState,
     load_checkpoint,
     recover_directory,
@@ -36,7 +35,7 @@ from granalign.training.checkpoint import (
 )
 from granalign.training.collate import AlignmentCollator, EpochPermutationSampler
 from granalign.training.optim import LRSchedule, build_optimizer, build_scheduler
-from granalign.training.recipe import Recipe, save_recipe
+from granalign.training.recipe import RECIPE_FILE, Recipe, save_recipe
 from granalign.training.selection import TrainResult, evaluate_dev, finish_run
 from granalign.training.step import ContrastiveStep
 

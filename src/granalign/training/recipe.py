@@ -24,6 +24,7 @@ import yaml
 from granalign.training.recipe_parsing import RecipeError, apply_dotted_overrides, build_dataclass
 
 __all__ = [
+    "RECIPE_FILE",
     "AugmentRecipe",
     "DataRecipe",
     "EvalRecipe",
@@ -38,6 +39,9 @@ __all__ = [
     "recipe_from_dict",
     "save_recipe",
 ]
+
+# The recipe saved beside a trained model (and its checkpoints), read back by `evaluate` and `push`.
+RECIPE_FILE = "granalign_recipe.yaml"
 
 
 @dataclass
