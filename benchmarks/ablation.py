@@ -16,28 +16,16 @@ import statistics
 import time
 from pathlib import Path
 
+from granalign.configuration_granalign import ABLATION_VARIANTS
 from granalign.training.loop import train
 from granalign.training.recipe import load_recipe
 
-VARIANTS: dict[str, dict[str, object]] = {
-    "full": {},
-    "no_significance_adapter": {"use_significance_adapter": False},
-    "no_granularity_adapter": {"use_granularity_adapter": False},
-    "no_region_prompting": {"use_region_prompting": False},
-    "no_uncertainty": {"use_uncertainty": False},
-    "global_baseline": {
-        "use_significance_adapter": False,
-        "use_granularity_adapter": False,
-        "use_region_prompting": False,
-        "similarity_pooling": "mean",
-    },
-}
 REPORTED = ("rsum", "i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10")
 
 
 def run_variant(recipe_path: str, variant: str, seed: int, overrides: list[str], root: Path) -> dict:
     """Train one variant with one seed; return its test metrics and wall time."""
-    switches = [f"model.grm.{key}={json.dumps(value)}" for key, value in VARIANTS[variant].items()]
+    switches = [f"model.grm.{key}={json.dumps(value)}" for key, value in ABLATION_VARIANTS[variant].items()]
     output_dir = root / f"{variant}-seed{seed}"
     recipe = load_recipe(
         recipe_path,
@@ -54,7 +42,7 @@ def run_variant(recipe_path: str, variant: str, seed: int, overrides: list[str],
 def summarise(rows: list[dict]) -> str:
     """A fixed-width table: mean ± std over seeds for each variant."""
     lines = [f"{'variant':26s}" + "".join(f"{key:>16s}" for key in (*REPORTED, "wall_s"))]
-    for variant in VARIANTS:
+    for variant in ABLATION_VARIANTS:
         runs = [row for row in rows if row["variant"] == variant]
         if not runs:
             continue
@@ -73,7 +61,9 @@ def main() -> None:
     )
     parser.add_argument("--recipe", default="configs/tiny.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS)
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     parser.add_argument("--output-dir", default="runs/ablation")
     args = parser.parse_args()
