@@ -145,15 +145,7 @@ def prepare_variant(
     o, t = recipe.optim, recipe.train
     optimizer = build_optimizer(model, o.lr, o.backbone_lr_multiplier, o.weight_decay, o.betas, o.eps)
     module, optimizer = accelerator.prepare(ContrastiveStep(model), optimizer)
-    schedule = LRSchedule(
-        o.schedule,
-        steps_per_epoch,
-        steps_per_epoch * t.epochs,
-        tuple(o.milestones),
-        o.gamma,
-        o.warmup_steps,
-        o.min_lr_ratio,
-    )
+    schedule = LRSchedule.from_recipe(o, t, steps_per_epoch)
     scheduler = build_scheduler(optimizer, schedule)
     hardest = args.hardest_negative or model.config.sum_violation_warmup_epochs <= 0
     module.train()

@@ -266,6 +266,12 @@ def test_schedules() -> None:
     assert cosine(60) == pytest.approx(0.55) and cosine(110) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
         LRSchedule("linear", 1, 1)
+    from granalign.training.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", ["train.epochs=4"])
+    from_recipe = LRSchedule.from_recipe(recipe.optim, recipe.train, steps_per_epoch=10)
+    o = recipe.optim
+    assert from_recipe == LRSchedule("cosine", 10, 40, tuple(o.milestones), o.gamma, 20, o.min_lr_ratio)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

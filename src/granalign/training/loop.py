@@ -92,15 +92,7 @@ def train(
         )
     set_seed(recipe.seed, device_specific=True)  # per-process noise; the model is already identical
     steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
-    schedule = LRSchedule(
-        o.schedule,
-        steps_per_epoch,
-        steps_per_epoch * t.epochs,
-        tuple(o.milestones),
-        o.gamma,
-        o.warmup_steps,
-        o.min_lr_ratio,
-    )
+    schedule = LRSchedule.from_recipe(o, t, steps_per_epoch)
     scheduler = build_scheduler(optimizer, schedule)
     accelerator.print(
         f"training {recipe.name!r}: {len(pairs)} pairs from {len(train_split)} images, "

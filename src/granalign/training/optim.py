@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,6 +106,12 @@ class LRSchedule:
                 f"steps_per_epoch and total_steps must be >= 1, got {self.steps_per_epoch}, {self.total_steps}"
             )
         self.milestones = tuple(self.milestones)
+
+    @classmethod
+    def from_recipe(cls, optim: Any, train: Any, steps_per_epoch: int) -> LRSchedule:
+        """The schedule of a recipe's `optim` and `train` sections for `steps_per_epoch` optimizer steps."""
+        return cls(optim.schedule, steps_per_epoch, steps_per_epoch * train.epochs, tuple(optim.milestones),
+                   optim.gamma, optim.warmup_steps, optim.min_lr_ratio)  # fmt: skip
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
