@@ -40,11 +40,16 @@ class Shape:
             self.dim,
         )
 
-    def kernel_flops(self, images: int | None = None, captions: int | None = None) -> float:
-        """Matmul FLOPs of the kernel: 2·(d+2) per token pair, token level + region level (padding counted)."""
+    def kernel_flops(
+        self, images: int | None = None, captions: int | None = None, caption_tokens: float | None = None
+    ) -> float:
+        """Matmul FLOPs of the scores: 2·(d+2) per token pair, token level + region level, with
+        `caption_tokens` tokens per caption (default: the padded length; pass the mean real length to count
+        only the useful work)."""
         n = self.images if images is None else images
         m = self.captions if captions is None else captions
-        return 2.0 * (self.dim + 2) * n * m * self.caption_tokens * (self.image_tokens + self.regions)
+        length = self.caption_tokens if caption_tokens is None else caption_tokens
+        return 2.0 * (self.dim + 2) * n * m * length * (self.image_tokens + self.regions)
 
 
 def scoring_model(dim: int = 512) -> GranAlignModel:

@@ -6,7 +6,8 @@
     python benchmarks/bench_scoring.py --variants buffers,compiled   # + kernel prototypes
 
 Prints pairs per second, the achieved matmul FLOP rate (2·(d+2) FLOPs per token pair, token and region
-levels, padding included) as a share of a plain dense matmul of the same dtype and of the kernel's chunk
+levels, real caption tokens only: the useful work, which both GRM and the peer schedule skip padding
+for) as a share of a plain dense matmul of the same dtype and of the kernel's chunk
 shape timed in the same run, and the speed-up over the SCAN/LAPS per-caption sharded schedule
 (`peer_laps.py`). Figures are medians of `--repeats` runs.
 """
@@ -86,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"workload: {shape}, chunks {args.image_chunk} images x {args.text_chunk} captions, {args.dtype}")
     model = scoring_model(shape.dim)
     images, texts = synthetic_images(shape), synthetic_texts(shape)
-    pairs, flops = shape.images * shape.captions, shape.kernel_flops()
+    real_length = float(texts.token_mask.sum(1).float().mean())
+    pairs, flops = shape.images * shape.captions, shape.kernel_flops(caption_tokens=real_length)
+    print(f"captions: {real_length:.1f} real tokens on average, padded to {shape.caption_tokens}; FLOPs count "
+          "real tokens only")  # fmt: skip
 
     rows = min(args.image_chunk, shape.images) * shape.image_tokens
     cols = min(args.text_chunk, shape.captions) * shape.caption_tokens

@@ -115,3 +115,33 @@ def test_peak_pairwise_tensor_is_bounded_by_the_chunk_sizes(encoded, monkeypatch
     length_v, length_t = images.tokens.shape[1], texts.tokens.shape[1]
     assert sizes and all(shape[0] <= 2 and shape[2] <= 3 for shape in sizes)
     assert max(s[0] * s[1] * s[2] * s[3] for s in sizes) <= 2 * length_v * 3 * length_t
+
+
+def test_length_sorted_chunks_skip_padding_and_keep_every_score(encoded, monkeypatch):
+    import granalign.scoring_granalign as scoring
+
+    model, images, texts, _ = encoded
+    widths = []
+    original = scoring._pairwise_cosine
+
+    def recording(image_tokens, text_tokens):
+        widths.append(text_tokens.shape[1])
+        return original(image_tokens, text_tokens)
+
+    monkeypatch.setattr(scoring, "_pairwise_cosine", recording)
+    chunked = model.level_scores(images, texts, image_chunk_size=2, text_chunk_size=2)
+    torch.testing.assert_close(chunked, reference_levels(images, texts), atol=1e-5, rtol=1e-5)
+    used = sorted(int(row.nonzero().max()) + 1 for row in texts.token_mask)  # 6, 7, 8, 9 in text_inputs
+    expected = [max(used[j : j + 2]) for j in range(0, len(used), 2)]
+    assert sorted(set(widths)) == sorted(set(expected)) and min(widths) < texts.tokens.shape[1]
+
+
+def test_left_padded_captions_score_like_right_padded_ones(encoded):
+    model, images, texts, _ = encoded
+    shifts = [int(texts.token_mask.shape[1] - n) for n in texts.token_mask.sum(1)]
+    left = type(texts)(**{name: torch.stack([row.roll(shift, dims=0) for row, shift in zip(value, shifts, strict=True)])
+                          if name in ("tokens", "token_mask", "keep_weights") else value
+                          for name, value in texts.items()})  # fmt: skip
+    assert left.token_mask[:, 0].min() == 0  # really padded on the left
+    expected = model.score(images, texts, image_chunk_size=2, text_chunk_size=2)
+    torch.testing.assert_close(model.score(images, left, image_chunk_size=2, text_chunk_size=2), expected)

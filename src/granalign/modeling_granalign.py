@@ -38,7 +38,13 @@ from .outputs_granalign import (
     concat_image_outputs,
     concat_text_outputs,
 )
-from .scoring_granalign import code_images, code_texts, level_similarities, mean_pooled_similarities
+from .scoring_granalign import (
+    code_images,
+    code_texts,
+    length_sorted,
+    level_similarities,
+    mean_pooled_similarities,
+)
 
 __all__ = [
     "GranAlignModel",
@@ -373,14 +379,18 @@ class GranAlignModel(GranAlignPreTrainedModel):
         slope = self.config.similarity_negative_slope
         if num_images <= image_chunk_size and num_texts <= text_chunk_size:
             return level_similarities(images, texts, slope)
+        # Chunks of captions of similar length, each cut to the columns its captions use: no work on padding.
+        order, texts, widths = length_sorted(texts)
         scores = images.tokens.new_empty((3, num_images, num_texts), dtype=torch.float32)
         for i in range(0, num_images, image_chunk_size):
             image_chunk = type(images)(
                 *(None if field is None else field[i : i + image_chunk_size] for field in images)
             )
             for j in range(0, num_texts, text_chunk_size):
-                text_chunk = type(texts)(*(field[j : j + text_chunk_size] for field in texts))
-                scores[:, i : i + image_chunk_size, j : j + text_chunk_size] = level_similarities(
+                width = max(int(widths[j : j + text_chunk_size].max()), 1)
+                text_chunk = type(texts)(*(field[j : j + text_chunk_size, :width] for field in texts))
+                columns = order[j : j + text_chunk_size]
+                scores[:, i : i + image_chunk_size, columns] = level_similarities(
                     image_chunk, text_chunk, slope
                 )
         return scores

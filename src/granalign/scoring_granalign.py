@@ -28,6 +28,7 @@ __all__ = [
     "CodedTexts",
     "code_images",
     "code_texts",
+    "length_sorted",
     "level_similarities",
     "mean_pooled_similarities",
     "pooled_similarity",
@@ -157,6 +158,20 @@ def _pairwise_cosine(image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> t
     m, length_t, _ = text_tokens.shape
     flat = image_tokens.reshape(n * length_v, dim) @ text_tokens.reshape(m * length_t, dim).t()
     return flat.view(n, length_v, m, length_t)
+
+
+def length_sorted(texts: CodedTexts) -> tuple[torch.Tensor, CodedTexts, torch.Tensor]:
+    """Captions reordered by the number of columns they use (last real token + 1), shortest first.
+
+    Returns `order` `[M]` (caption `order[j]` is row `j` of the result), the reordered `CodedTexts` and the
+    used widths `[M]` in that order. A chunk of neighbouring rows can then drop the padding columns none of
+    its captions uses (`[:, :widths[chunk].max()]`) without changing any score: a padding column never
+    wins a max (its cosine is pushed below −1) and weighs 0 in every mean.
+    """
+    columns = torch.arange(1, texts.valid.shape[1] + 1, device=texts.valid.device)
+    used = ((texts.valid > 0) * columns).amax(dim=1)  # [M]
+    widths, order = torch.sort(used, stable=True)
+    return order, CodedTexts(*(field[order] for field in texts)), widths
 
 
 def level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: float) -> torch.Tensor:
