@@ -385,6 +385,13 @@ def test_demo_cli_and_space_search_an_index_and_refuse_another_models(
     args = _parser().parse_args(["demo", str(saved_vit), "--index", str(names), "--image-root", str(images)])
     assert args.func(args) == 0 and len(served) == 1
     assert isinstance(built[0], IndexImageSearch) and len(built[0].search(CAPTION, 4)) == 4
+    assert (built[0].mode, built[0].shortlist) == ("two-stage", 20)
+    argv = ["demo", str(saved_vit), "--index", str(paths), "--mode", "exhaustive", "--shortlist", "3"]
+    args = _parser().parse_args(argv)
+    assert args.func(args) == 0 and (built[1].mode, built[1].shortlist) == ("exhaustive", 3)
+    with pytest.raises(ValueError, match="--shortlist must be >= 1, got 0"):
+        args = _parser().parse_args([*argv[:-1], "0"])
+        args.func(args)
     with pytest.raises(ValueError, match="pass --index too"):
         args = _parser().parse_args(["demo", str(saved_vit), "--image-root", str(images)])
         args.func(args)
@@ -395,7 +402,7 @@ def test_demo_cli_and_space_search_an_index_and_refuse_another_models(
     args = _parser().parse_args(["demo", str(other), "--index", str(paths)])
     with pytest.raises(ValueError, match="this index was built by model sha256:"):
         args.func(args)
-    assert len(served) == 1  # refused before serving
+    assert len(served) == 2  # refused before serving
 
     spec = importlib.util.spec_from_file_location("space_app", REPO_ROOT / "spaces" / "app.py")
     app = importlib.util.module_from_spec(spec)

@@ -278,6 +278,10 @@ def test_an_index_from_another_model_revision_is_refused(encoded, tmp_path):
     assert (
         model_fingerprint(model) in message and model_fingerprint(other) in message and "rebuild" in message
     )
+    index, queries = GalleryIndex.load(path), other.encode_text(**text_inputs(batch=2, seed=3))
+    with pytest.raises(ValueError, match="rebuild"):
+        search(other, index, queries, k=2, mode="exhaustive")
+    assert search(other, index, queries, k=2, mode="exhaustive", check_model=False).ids  # caller checked
 
 
 def test_fingerprint_tracks_weights_and_config_not_dtype():

@@ -250,18 +250,20 @@ def search(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    check_model: bool = True,
 ) -> SearchResult:
     """Search `index` with encoded `queries` (captions for an image index, images for a text index).
 
-    `model` must be the model that built the index (checked by fingerprint when it is a model; a bare
-    config skips the check). `mode`: ``"two-stage"`` (default) or ``"exhaustive"``; see `two_stage_topk`
+    `model` must be the model that built the index (checked by fingerprint when it is a model and
+    `check_model`, which hashes every weight: a caller that checked once, e.g. a server answering many
+    queries, passes `check_model=False`; a bare config skips the check). `mode`: ``"two-stage"`` (default) or ``"exhaustive"``; see `two_stage_topk`
     for `shortlist`, `shortlist_by` and `backend`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown search mode {mode!r}; expected one of {MODES}")
     if len(index) == 0:
         raise ValueError("the index is empty")
-    if hasattr(model, "state_dict"):
+    if check_model and hasattr(model, "state_dict"):
         index.check_model(model)
     if mode == "exhaustive":
         scores, rows = exhaustive_topk(

@@ -158,6 +158,10 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-root", help="folder the index's item ids (image paths) are relative to (default: as stored)"
     )
+    parser.add_argument(
+        "--mode", default="two-stage", choices=("two-stage", "exhaustive"), help="index search mode"
+    )
+    parser.add_argument("--shortlist", type=int, default=20, help="two-stage shortlist size (default 20)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     parser.set_defaults(func=run_demo)
     return parser
@@ -173,6 +177,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.gallery_size < 1:
         raise ValueError(f"--gallery-size must be >= 1, got {args.gallery_size}")
+    if args.shortlist < 1:
+        raise ValueError(f"--shortlist must be >= 1, got {args.shortlist}")
     if args.image_root and not args.index:
         raise ValueError("--image-root locates the images of a gallery index: pass --index too")
     if args.image_root and not Path(args.image_root).is_dir():
@@ -182,7 +188,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.index:  # refuses an index another model built, and missing images, before serving
         from .index_search import IndexImageSearch
 
-        search = IndexImageSearch(model, processor, args.index, image_root=args.image_root)
+        search = IndexImageSearch(model, processor, args.index, image_root=args.image_root, mode=args.mode,
+                                  shortlist=args.shortlist)  # fmt: skip
         print(f"searching {args.index}: {search.index!r}")
     app = build_demo(model, processor, search=search, gallery_size=args.gallery_size)
     print(f"serving the demo of {args.model} on http://{args.host}:{args.port} (Ctrl+C to stop)")

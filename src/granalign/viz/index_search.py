@@ -67,14 +67,11 @@ class IndexImageSearch:
         if not isinstance(query, str) or not query.strip():
             raise ValueError(f"the search query is empty ({query!r}); type a caption to search for")
         device = next(self.model.parameters()).device
-        # The model was checked on construction; two-stage scoring needs only its config, which also
-        # spares `search` re-hashing every weight per query (exhaustive mode needs `model.score`).
-        scorer = self.model.config if self.mode == "two-stage" else self.model
         with self.lock:
             queries = encode_captions(self.model, self.processor, [query.strip()], progress=False)
             result = search(
-                scorer, self.index, queries, k=top_k, mode=self.mode, shortlist=self.shortlist,
-                device=device,
+                self.model, self.index, queries, k=top_k, mode=self.mode, shortlist=self.shortlist,
+                device=device, check_model=False,  # checked once, on construction
             )  # fmt: skip
         hits = []
         for score, row, item in zip(result.scores[0], result.indices[0], result.ids[0], strict=True):
