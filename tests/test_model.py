@@ -8,7 +8,8 @@ from tiny_configs import REGION_DIM, TEXT_TOWERS, VISION_TOWERS, image_inputs, t
 from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 
 from granalign import GranAlignImageOutput, GranAlignModel, GranAlignOutput
-from granalign.configuration_granalign import ABLATION_VARIANTS
+from granalign.configuration_granalign import ABLATION_VARIANTS, GranAlignConfig
+from granalign.losses_granalign import hinge_triplet_loss
 
 
 @pytest.mark.parametrize("vision", [*VISION_TOWERS, None])
@@ -136,6 +137,26 @@ def test_loss_terms_and_same_image_captions_are_not_negatives():
     assert set(output.loss_terms) == expected
     assert grouped.loss_terms["contrastive_key"] <= output.loss_terms["contrastive_key"]
     assert not torch.equal(grouped.loss, output.loss)
+
+
+def test_optional_global_loss_trains_the_global_embeddings():
+    model = tiny_model("vit").train()
+    inputs = {**image_inputs("vit", batch=4), **text_inputs(batch=4)}
+    torch.manual_seed(0)
+    plain = model(**inputs, return_loss=True)
+    model.config.global_loss_weight = 0.5
+    torch.manual_seed(0)
+    output = model(**inputs, return_loss=True)
+    images, texts = output.image_outputs, output.text_outputs
+    expected = hinge_triplet_loss(
+        images.image_embeds @ texts.text_embeds.t(), torch.eye(4, dtype=torch.bool), model.config.margin,
+        model.config.hardest_negative,
+    )  # fmt: skip
+    torch.testing.assert_close(output.loss_terms["contrastive_global"], expected.detach())
+    torch.testing.assert_close(output.loss, plain.loss + 0.5 * expected)
+    assert "contrastive_global" not in plain.loss_terms
+    with pytest.raises(ValueError, match="global_loss_weight must be >= 0, got -1"):
+        GranAlignConfig(**{**model.config.to_dict(), "global_loss_weight": -1.0}).validate_grm()
 
 
 def test_global_features_match_the_encoders():

@@ -100,6 +100,9 @@ class GranAlignConfig(PreTrainedConfig):
         entropy_loss_weight (`float`, defaults to 0.1): λ_ent of the prompt-usage entropy regulariser.
         keep_ratio_loss_weight (`float`, defaults to 0.0): weight of the optional `(mean(A) − ρ)²` penalty.
         keep_ratio_target (`float`, defaults to 0.5): ρ of that penalty.
+        global_loss_weight (`float`, defaults to 0.0): weight of an optional contrastive loss (the same
+            hinge/InfoNCE) on the global embeddings (`get_image_features` / `get_text_features`). Not part
+            of the paper; it makes the embedding shortlist of two-stage search (and FAISS) usable.
         logvar_min (`float`, defaults to -10.0) / logvar_max (`float`, defaults to 2.0): log-variance clamp.
         similarity_negative_slope (`float`, defaults to 0.1): LeakyReLU slope applied to token cosines.
         region_prompt_scale_init (`float`, defaults to 10.0) / region_prompt_bias_init (`float`, defaults to
@@ -152,6 +155,7 @@ class GranAlignConfig(PreTrainedConfig):
         entropy_loss_weight: float = 0.1,
         keep_ratio_loss_weight: float = 0.0,
         keep_ratio_target: float = 0.5,
+        global_loss_weight: float = 0.0,
         logvar_min: float = -10.0,
         logvar_max: float = 2.0,
         similarity_negative_slope: float = 0.1,
@@ -185,6 +189,7 @@ class GranAlignConfig(PreTrainedConfig):
         self.entropy_loss_weight = entropy_loss_weight
         self.keep_ratio_loss_weight = keep_ratio_loss_weight
         self.keep_ratio_target = keep_ratio_target
+        self.global_loss_weight = global_loss_weight
         self.logvar_min = logvar_min
         self.logvar_max = logvar_max
         self.similarity_negative_slope = similarity_negative_slope
@@ -253,6 +258,7 @@ class GranAlignConfig(PreTrainedConfig):
             "kl_loss_weight": self.kl_loss_weight,
             "entropy_loss_weight": self.entropy_loss_weight,
             "keep_ratio_loss_weight": self.keep_ratio_loss_weight,
+            "global_loss_weight": self.global_loss_weight,
             "similarity_negative_slope": self.similarity_negative_slope,
             "sum_violation_warmup_epochs": self.sum_violation_warmup_epochs,
         }

@@ -442,9 +442,14 @@ class GranAlignModel(GranAlignPreTrainedModel):
         positives = positive_pair_mask(image_ids, batch, level_scores.device)
         terms: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        for name, scores, weight in zip(
-            LEVEL_NAMES, level_scores, config.effective_level_weights, strict=True
-        ):
+        contrastive = [(name, scores, weight) for name, scores, weight in
+                       zip(LEVEL_NAMES, level_scores, config.effective_level_weights, strict=True)]  # fmt: skip
+        if (
+            config.global_loss_weight > 0
+        ):  # the global embeddings, for embedding shortlists (not in the paper)
+            global_scores = image_outputs.image_embeds @ text_outputs.text_embeds.t()
+            contrastive.append(("global", global_scores.float(), config.global_loss_weight))
+        for name, scores, weight in contrastive:
             if weight == 0:
                 continue
             if config.contrastive_loss == "hinge":
