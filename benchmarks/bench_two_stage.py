@@ -55,9 +55,15 @@ def _interleaved(baseline, candidates: dict, repeats: int) -> tuple[float, dict]
 def synthetic_timing(args: argparse.Namespace) -> None:
     shape = Shape(images=args.images, captions=5 * args.images)
     model = scoring_model(shape.dim)
-    images, queries = synthetic_images(shape), synthetic_texts(shape, count=args.queries)
-    print(f"\n== search timing, synthetic features: {args.images} images (197 tokens, d 512), "
-          f"{args.queries} caption queries, top-10, median of {args.repeats} interleaved runs")  # fmt: skip
+    if args.image_queries:  # image -> text: image queries over the gallery's 5 captions per image
+        images, queries = synthetic_texts(shape), synthetic_images(shape, count=args.queries)
+        gallery = f"{shape.captions} captions (padded to {shape.caption_tokens} tokens), {args.queries} image queries"
+    else:
+        images, queries = synthetic_images(shape), synthetic_texts(shape, count=args.queries)
+        gallery = f"{args.images} images (197 tokens, d 512), {args.queries} caption queries"
+    print(
+        f"\n== search timing, synthetic features: {gallery}, top-10, median of {args.repeats} interleaved runs"
+    )
     candidates = {
         (source, size): (
             lambda size=size, source=source: two_stage_topk(
@@ -184,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--images", type=int, default=1000, help="synthetic gallery size")
     parser.add_argument("--queries", type=int, default=100, help="synthetic caption queries")
+    parser.add_argument(
+        "--image-queries",
+        action="store_true",
+        help="time image -> text search (a gallery of 5 captions per image)",
+    )
     parser.add_argument("--shortlists", type=int, nargs="+", default=[20, 50, 100])
     parser.add_argument("--shortlist-by", nargs="+", default=["regions", "embeddings"], help="first stages")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

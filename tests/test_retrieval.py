@@ -18,6 +18,7 @@ from granalign import GranAlignProcessor
 from granalign.evaluation.two_stage import fold_two_stage_scores
 from granalign.retrieval import (
     GalleryIndex,
+    default_shortlist,
     encode_captions,
     encode_images,
     encode_regions,
@@ -207,6 +208,22 @@ def test_two_stage_topk_reranks_the_shortlist(encoded, shortlist_by):
     )
 
 
+def test_default_shortlist_depends_on_the_query_modality(encoded, monkeypatch):
+    import importlib
+
+    search_module = importlib.import_module("granalign.retrieval.search")
+    model, images, texts = encoded
+    assert default_shortlist(texts) == 20 and default_shortlist(images) == 50
+    monkeypatch.setattr(search_module, "DEFAULT_SHORTLIST", 2)
+    monkeypatch.setattr(search_module, "DEFAULT_IMAGE_QUERY_SHORTLIST", 3)
+    for gallery, queries, size in ((images, texts, 2), (texts, images, 3)):
+        default = two_stage_topk(model, gallery, queries, k=1)
+        explicit = two_stage_topk(model, gallery, queries, k=1, shortlist=size)
+        assert all(torch.equal(a, b) for a, b in zip(default, explicit, strict=True))
+        other = two_stage_topk(model, gallery, queries, k=1, shortlist=1)
+        assert not torch.equal(default[0], other[0])  # so the default, not a shortlist of 1, was used
+
+
 def test_search_rejects_queries_of_the_gallery_modality(encoded):
     model, images, texts = encoded
     index = GalleryIndex.build(model, images, ids=[f"i{n}" for n in range(6)])
@@ -382,6 +399,7 @@ def test_cli_choices_match_the_library():
     assert (
         cli_retrieval._MODES == search.MODES and cli_retrieval._DEFAULT_SHORTLIST == search.DEFAULT_SHORTLIST
     )
+    assert cli_retrieval._DEFAULT_IMAGE_QUERY_SHORTLIST == search.DEFAULT_IMAGE_QUERY_SHORTLIST
     assert cli_retrieval._SHORTLIST_SOURCES == shortlist.SHORTLIST_SOURCES
     assert cli_retrieval._BACKENDS == shortlist.BACKENDS
 

@@ -29,8 +29,10 @@ from granalign.retrieval.index import FEATURE_VERSION, GalleryIndex
 from granalign.retrieval.matrix import shortlist_pairs, two_stage_scores
 from granalign.retrieval.rerank import pair_level_scores, pair_scores
 from granalign.retrieval.search import (
+    DEFAULT_IMAGE_QUERY_SHORTLIST,
     DEFAULT_SHORTLIST,
     SearchResult,
+    default_shortlist,
     exhaustive_topk,
     region_topk,
     search,
@@ -39,11 +41,13 @@ from granalign.retrieval.search import (
 from granalign.retrieval.shortlist import EmbeddingShortlist, exact_topk, faiss_available, region_level_scores
 
 __all__ = [
+    "DEFAULT_IMAGE_QUERY_SHORTLIST",
     "DEFAULT_SHORTLIST",
     "FEATURE_VERSION",
     "EmbeddingShortlist",
     "GalleryIndex",
     "SearchResult",
+    "default_shortlist",
     "encode_captions",
     "encode_dataset_images",
     "encode_images",

@@ -3,7 +3,7 @@
     granalign index MODEL OUTPUT (--images PATH... | --dataset SOURCE [--split test] [--captions] |
                                   --captions-file FILE | --regions FILE) [--dtype float16] [--append]
     granalign search INDEX MODEL (--text CAPTION... | --image PATH... | --regions FILE) [-k 10]
-                                  [--mode two-stage|exhaustive] [--shortlist 20]
+                                  [--mode two-stage|exhaustive] [--shortlist N]
                                   [--shortlist-by regions|embeddings] [--output-json FILE]
 
 MODEL is a saved model directory or Hub id (with `--revision`). User errors raise `ValueError` /
@@ -24,6 +24,7 @@ __all__ = ["add_index_parser", "add_search_parser", "run_index", "run_search"]
 # Kept literal so building the parser imports no torch (tests check them against the modules' values).
 _MODES = ("two-stage", "exhaustive")  # search.MODES
 _DEFAULT_SHORTLIST = 20  # search.DEFAULT_SHORTLIST
+_DEFAULT_IMAGE_QUERY_SHORTLIST = 50  # search.DEFAULT_IMAGE_QUERY_SHORTLIST
 _SHORTLIST_SOURCES = ("regions", "embeddings")  # shortlist.SHORTLIST_SOURCES
 _BACKENDS = ("auto", "matmul", "faiss")  # shortlist.BACKENDS
 
@@ -76,7 +77,12 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
     queries.add_argument("--regions", help="region-feature queries, as for `granalign index --regions`")
     parser.add_argument("-k", "--top-k", type=int, default=10)
     parser.add_argument("--mode", default="two-stage", choices=_MODES)
-    parser.add_argument("--shortlist", type=int, default=_DEFAULT_SHORTLIST, help="two-stage shortlist size")
+    parser.add_argument(
+        "--shortlist",
+        type=int,
+        help=f"two-stage shortlist size (default {_DEFAULT_SHORTLIST} for text queries, "
+        f"{_DEFAULT_IMAGE_QUERY_SHORTLIST} for image queries)",
+    )
     parser.add_argument(
         "--shortlist-by",
         default="regions",
@@ -255,7 +261,7 @@ def run_search(args: argparse.Namespace) -> int:
     from granalign.retrieval.index import GalleryIndex
     from granalign.retrieval.search import search
 
-    if args.top_k < 1 or args.shortlist < 1:
+    if args.top_k < 1 or (args.shortlist is not None and args.shortlist < 1):
         raise ValueError(f"-k and --shortlist must be >= 1, got {args.top_k} and {args.shortlist}")
     model, processor = _load_model(args)
     index = GalleryIndex.load(args.index, model=model)
