@@ -442,11 +442,9 @@ class GranAlignModel(GranAlignPreTrainedModel):
         positives = positive_pair_mask(image_ids, batch, level_scores.device)
         terms: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        contrastive = [(name, scores, weight) for name, scores, weight in
-                       zip(LEVEL_NAMES, level_scores, config.effective_level_weights, strict=True)]  # fmt: skip
-        if (
-            config.global_loss_weight > 0
-        ):  # the global embeddings, for embedding shortlists (not in the paper)
+        contrastive = list(zip(LEVEL_NAMES, level_scores, config.effective_level_weights, strict=True))
+        if config.global_loss_weight > 0:
+            # the global embeddings, for embedding shortlists (optional; not in the paper)
             global_scores = image_outputs.image_embeds @ text_outputs.text_embeds.t()
             contrastive.append(("global", global_scores.float(), config.global_loss_weight))
         for name, scores, weight in contrastive:

@@ -196,13 +196,13 @@ def _embeds(outputs: Outputs) -> torch.Tensor:
     return outputs.image_embeds if isinstance(outputs, GranAlignImageOutput) else outputs.text_embeds
 
 
-@torch.no_grad()
 def default_shortlist(queries: Outputs) -> int:
     """The default two-stage shortlist for `queries`: `DEFAULT_IMAGE_QUERY_SHORTLIST` for images, else
     `DEFAULT_SHORTLIST`."""
     return DEFAULT_IMAGE_QUERY_SHORTLIST if isinstance(queries, GranAlignImageOutput) else DEFAULT_SHORTLIST
 
 
+@torch.no_grad()
 def two_stage_topk(
     model: Any,
     gallery: Outputs,
@@ -269,8 +269,8 @@ def search(
 
     `model` must be the model that built the index (checked by fingerprint when it is a model and
     `check_model`, which hashes every weight: a caller that checked once, e.g. a server answering many
-    queries, passes `check_model=False`; a bare config skips the check). `mode`: ``"two-stage"`` (default) or ``"exhaustive"``; see `two_stage_topk`
-    for `shortlist`, `shortlist_by` and `backend`.
+    queries, passes `check_model=False`; a bare config skips the check). `mode`: ``"two-stage"``
+    (default) or ``"exhaustive"``; see `two_stage_topk` for `shortlist`, `shortlist_by` and `backend`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown search mode {mode!r}; expected one of {MODES}")
