@@ -12,11 +12,13 @@ from datasets import DatasetDict
 from .hub_schemas import convert_hub_dataset, detect_hub_schema, load_raw_dataset
 from .imagefolder import METADATA_FILES, load_imagefolder
 from .karpathy import load_karpathy
+from .openclipart import DEFAULT_SVG_ROOT, OPENCLIPART, load_openclipart
 from .precomputed import convert_region_dataset, load_precomp, load_region_dataset
 
-KINDS: tuple[str, ...] = ("karpathy", "hub", "imagefolder", "precomp", "regions")
+KINDS: tuple[str, ...] = ("karpathy", "hub", "imagefolder", "precomp", "regions", "openclipart")
 """Source kinds: Karpathy JSON + image root, Hub id / Hub-layout or saved dir, HF image folder,
-SCAN/VSE∞ precomp folder, dataset with a region-feature array column."""
+SCAN/VSE∞ precomp folder, dataset with a region-feature array column, folder of Open Clip Art SVGs
+(Debian's `openclipart-svg`; never detected, select it with `kind="openclipart"` or source `"openclipart"`)."""
 
 _HUB_OPTIONS = frozenset(inspect.signature(convert_hub_dataset).parameters) - {"raw", "source"}
 _REGION_OPTIONS = frozenset(inspect.signature(convert_region_dataset).parameters) - {
@@ -68,6 +70,17 @@ def _load_hub_or_regions(source: str | os.PathLike, kwargs: dict[str, Any]) -> D
     return convert_hub_dataset(raw, source=name, **options)
 
 
+def _load_openclipart(source: str | os.PathLike, kwargs: dict[str, Any]) -> DatasetDict:
+    """The source is the SVG folder; the name `"openclipart"` stands for Debian's `DEFAULT_SVG_ROOT`."""
+    if "svg_root" in kwargs:
+        raise ValueError(
+            f"kind 'openclipart' takes the SVG folder as the source ({os.fspath(source)!r}), "
+            f"not as svg_root={kwargs['svg_root']!r}"
+        )
+    root = DEFAULT_SVG_ROOT if os.fspath(source) == OPENCLIPART else source
+    return load_openclipart(root, **kwargs)
+
+
 def load_alignment_dataset(source: str | os.PathLike, kind: str | None = None, **kwargs: Any) -> DatasetDict:
     """Load any supported source into the dataset schema (see docs/design.md).
 
@@ -75,14 +88,22 @@ def load_alignment_dataset(source: str | os.PathLike, kind: str | None = None, *
     kind: `load_karpathy` (`image_root`, `include_restval`, ...), `load_hub_dataset` (`image_root`, plus
     `datasets.load_dataset` arguments such as `revision`), `load_imagefolder` (`caption_column`,
     `single_split`, ...), `load_precomp` (`test_split`, ...), `load_region_dataset` (`features_column`,
-    `boxes_column`, ...). All accept `splits`.
+    `boxes_column`, ...), `load_openclipart` (`cache_dir`, `image_size`, `max_per_caption`, ...). All
+    accept `splits`. The source `"openclipart"` (with kind None or `"openclipart"`) is the Open Clip Art
+    SVGs of Debian's `openclipart-svg` at `/usr/share/openclipart/svg`; any other source with
+    `kind="openclipart"` is a folder of such SVGs.
 
     Examples:
         >>> load_alignment_dataset("dataset_coco.json", image_root="coco/")  # doctest: +SKIP
         >>> load_alignment_dataset("nlphuji/flickr30k", revision="refs/convert/parquet")  # doctest: +SKIP
         >>> load_alignment_dataset("coco_precomp", splits=["test"], test_split="testall")  # doctest: +SKIP
+        >>> load_alignment_dataset("openclipart", image_size=224, max_per_caption=5)  # doctest: +SKIP
     """
+    if kind is None and os.fspath(source) == OPENCLIPART:
+        kind = OPENCLIPART
     kind = detect_kind(source) if kind is None else kind
+    if kind == OPENCLIPART:
+        return _load_openclipart(source, dict(kwargs))
     if kind == "karpathy":
         return load_karpathy(source, **kwargs)
     if kind == "imagefolder":
