@@ -2,10 +2,19 @@
 
 Precomp folder (`f30k_precomp/`, `coco_precomp/`): per split `{split}_ims.npy` (`[N_img, R, D]`, e.g.
 36 × 2048; `[N_img, D]` is read as R = 1; some releases repeat each image once per caption, giving
-`N_img * 5` rows, which is detected and read with stride 5), `{split}_caps.txt` (5 lines per image) and
-optionally `{split}_ids.txt` (one id per image, or per caption). Splits `train`, `dev` (-> validation),
-`test`, `testall` (COCO 5K; used as `test` with `test_split="testall"`). The arrays are memory-mapped
-and streamed into Arrow with `Dataset.from_generator`, so a split never sits in memory at once.
+`N_img * captions_per_image` rows, which is detected and read with that stride), `{split}_caps.txt`
+(`captions_per_image` consecutive lines per image: 5 for Flickr30K/COCO, the default) and optionally
+`{split}_ids.txt` (one id per image, or per caption). Splits `train`, `dev` (-> validation), `test`,
+`testall` (COCO 5K; used as `test` with `test_split="testall"`).
+
+The arrays are memory-mapped and streamed with `Dataset.from_generator` into a float32 Arrow copy, so
+a split never sits in memory at once. That copy is written once per split (and reused while the files
+and options are unchanged) under `cache_dir`, by default the datasets cache: `$HF_DATASETS_CACHE`, i.e.
+`~/.cache/huggingface/datasets` unless `HF_HOME`/`HF_DATASETS_CACHE` say otherwise. It costs disk
+(float32, so as large as a float32 `.npy` and twice a float16 one: ~33 GB for COCO's 113K-image train
+split) and one pass of writing, and buys the `datasets` schema every other loader gives (Arrow,
+memory-mapped when read, so RAM stays small). Reading the `.npy` directly would avoid the copy but not
+give a `Dataset`.
 """
 
 from __future__ import annotations
@@ -55,20 +64,31 @@ def _open_array(path: Path, feature_dim: int | None) -> np.ndarray:
     return array
 
 
+def _per_image_hint(rows: int, num_captions: int) -> str:
+    """A suggested `captions_per_image` when the counts imply one."""
+    if rows and num_captions % rows == 0 and num_captions // rows >= 1:
+        return f"; pass captions_per_image={num_captions // rows} if each image has that many captions"
+    return "; pass captions_per_image=<caption lines per image>"
+
+
 def _image_stride(array: np.ndarray, num_captions: int, per_image: int, path: Path) -> int:
     """1 when `array` has one row per image, `per_image` when it repeats each image per caption."""
-    if len(array) * per_image == num_captions:
+    rows = len(array)
+    if rows * per_image == num_captions:
         return 1
-    if len(array) == num_captions and num_captions % per_image == 0:
+    if rows == num_captions and num_captions % per_image == 0:
         if not np.array_equal(array[0], array[per_image - 1]):
             raise ValueError(
-                f"{path} has one row per caption ({len(array)}) but rows 0 and {per_image - 1} differ; "
-                f"expected each image repeated {per_image} times"
+                f"{path} has {rows} rows and the captions file has {num_captions} lines: with "
+                f"captions_per_image={per_image} that means one row per caption, each image repeated "
+                f"{per_image} times, but rows 0 and {per_image - 1} differ; if each image has one "
+                "caption, pass captions_per_image=1"
             )
         return per_image
     raise ValueError(
-        f"{path} has {len(array)} rows but the captions file has {num_captions} lines; expected "
-        f"{num_captions // per_image} images × {per_image} captions (or one row per caption)"
+        f"{path} has {rows} rows but the captions file has {num_captions} lines, which fits neither "
+        f"{rows} images × captions_per_image={per_image} ({rows * per_image} lines) nor one row per "
+        f"caption" + _per_image_hint(rows, num_captions)
     )
 
 
@@ -145,11 +165,16 @@ def load_precomp(
             113K-image train split writes ~33 GB of Arrow, so pick splits when you need few.
         test_split: file prefix used for `test`: `"test"` (F30K 1K; COCO 1K) or `"testall"` (COCO 5K).
             Default: `test` when present, else `testall`.
-        captions_per_image: caption lines per image.
+        captions_per_image: caption lines per image in `{split}_caps.txt` (5 for Flickr30K and COCO;
+            1 for one caption per image). A file whose line count does not fit raises `ValueError`
+            naming this option and the counts found.
         feature_dim: expected D; a different D raises `ValueError`.
-        cache_dir: where `datasets` writes the Arrow files (default: the HF datasets cache).
+        cache_dir: folder for the float32 Arrow copy of the features (see the module docstring). Default
+            None: the datasets cache, `$HF_DATASETS_CACHE` (`~/.cache/huggingface/datasets`).
     """
     folder = Path(data_dir)
+    if not isinstance(captions_per_image, int) or captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be an integer >= 1, got {captions_per_image!r}")
     if not folder.is_dir():
         raise FileNotFoundError(f"precomp directory {str(folder)!r} does not exist")
     present = sorted(p for p in PRECOMP_FILES if (folder / f"{p}_ims.npy").is_file())

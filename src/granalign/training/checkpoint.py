@@ -170,11 +170,18 @@ def load_checkpoint(accelerator: Any, checkpoint: str | os.PathLike[str], schedu
 
 
 def save_model_dir(model: Any, processor: Any, recipe: Any, target: Path, extra: dict[str, Any]) -> None:
-    """`save_pretrained` model + processor + recipe (+ JSON extras) into `target`, atomically."""
+    """`save_pretrained` model + processor + recipe (+ JSON extras) into `target`, atomically.
+
+    LoRA adapters (peft) are saved merged into the tower weights (`lora.merged_state_dict`; the live
+    `model` keeps its adapters), so `target` loads with plain `from_pretrained`, without peft.
+    """
+    from granalign.training.lora import merged_state_dict
+
     tmp = target.with_name(f".tmp-{target.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    merged = merged_state_dict(model)  # None: no adapters, save as is
+    model.save_pretrained(tmp, **({} if merged is None else {"state_dict": merged}))
     processor.save_pretrained(tmp)
     from granalign.evaluation.protocols import save_metrics_json
     from granalign.training.recipe import save_recipe

@@ -26,11 +26,15 @@ _SCHEDULES = ("step", "cosine", "constant")
 
 
 def _tower_parameter_ids(model: nn.Module) -> set[int]:
+    """Ids of the towers' own parameters; adapters injected into a tower (peft LoRA) are new modules."""
+    from granalign.training.lora import adapter_parameter_ids
+
     ids: set[int] = set()
     for name in ("vision_model", "text_model"):
         tower = getattr(model, name, None)
         if tower is not None:
-            ids.update(id(p) for p in tower.parameters())
+            adapters = adapter_parameter_ids(tower)
+            ids.update(id(p) for p in tower.parameters() if id(p) not in adapters)
     return ids
 
 
@@ -39,7 +43,8 @@ def parameter_groups(
 ) -> list[dict]:
     """AdamW parameter groups (`name`, `params`, `lr`, `weight_decay`); empty groups are left out.
 
-    Frozen parameters (`requires_grad=False`) are left out too.
+    Frozen parameters (`requires_grad=False`) are left out too. LoRA adapters in a tower (see
+    `granalign.training.lora`) are new parameters: they get the full `lr`, not the backbone multiplier.
     """
     towers = _tower_parameter_ids(model)
     groups: dict[str, dict] = {}
