@@ -150,7 +150,7 @@ def test_rank_explain_and_search_in_a_real_browser(demo, browser, tmp_path):
         assert caption in ranking
     batch = demo["processor"](text=typed, images=[scene.image], padding="longest")
     with torch.no_grad():
-        scores = demo["model"](**batch).logits_per_image[0]
+        scores = demo["model"](**batch).logits_per_image[0] / demo["model"].temperature_scale()
     best = driver.find_element(By.ID, "rank-best").text
     assert f"“{typed[int(scores.argmax())]}”" in best
     assert f"{scores.max().item():.4f}" in best

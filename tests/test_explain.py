@@ -126,7 +126,8 @@ def test_explain_writes_readable_figures_for_every_input_type(case, tokenizer, s
     assert [summary["levels"][k] for k in ("original", "key", "uncertainty")] == pytest.approx(
         expected, abs=1e-5
     )
-    assert summary["score"] == pytest.approx(output.logits_per_image[0, 0].item(), abs=1e-5)
+    score = output.logits_per_image[0, 0] / model.temperature_scale()
+    assert summary["score"] == pytest.approx(score.item(), abs=1e-5)
 
 
 def test_word_maps_are_cosines_of_merged_words_against_spatial_tokens(tokenizer, scene):
@@ -292,7 +293,7 @@ def test_demo_backend_ranks_like_the_model(saved_vit, scene):
     rows = DemoBackend(model, processor).rank(scene[0], "\n".join(captions) + "\n\n")
     batch = processor(text=captions, images=[scene[0]], padding="longest")
     with torch.no_grad():
-        scores = model(**batch).logits_per_image[0]
+        scores = model(**batch).logits_per_image[0] / model.temperature_scale()
     assert [row[1] for row in rows] == [captions[i] for i in torch.argsort(scores, descending=True).tolist()]
     assert [row[2] for row in rows] == pytest.approx(sorted(scores.tolist(), reverse=True), abs=1e-4)
     with pytest.raises(ValueError, match="no captions"):

@@ -153,7 +153,7 @@ def test_push_uploads_weights_config_code_processor_and_card_to_a_private_repo(p
     code = {
         f"{m}_granalign.py"
         for m in ("configuration", "modeling", "processing", "layers", "losses", "outputs", "scoring")
-    }
+    } | {"efficientnet_lite_granalign.py"}  # the native EfficientNet-Lite tower travels with every model
     assert set(outcome["remote_files"]) == expected | code
     assert outcome["private"] is True
     assert outcome["paths_info"] == [["model.safetensors", True], ["config.json", False]]

@@ -48,8 +48,10 @@ def test_forward_logits_equal_score(encoded):
     with torch.no_grad():
         output = model(**pixels, **captions)
         expected = model.score(model.encode_image(**pixels), model.encode_text(**captions))
-    torch.testing.assert_close(output.logits_per_image, expected)
-    torch.testing.assert_close(output.logits_per_text, expected.t())
+    # logits are the scores times the temperature scale, as CLIP's
+    logits = expected * model.temperature_scale()
+    torch.testing.assert_close(output.logits_per_image, logits)
+    torch.testing.assert_close(output.logits_per_text, logits.t())
     assert output.level_scores.shape == (3, 5, 7)
 
 
@@ -145,3 +147,38 @@ def test_left_padded_captions_score_like_right_padded_ones(encoded):
     assert left.token_mask[:, 0].min() == 0  # really padded on the left
     expected = model.score(images, texts, image_chunk_size=2, text_chunk_size=2)
     torch.testing.assert_close(model.score(images, left, image_chunk_size=2, text_chunk_size=2), expected)
+
+
+def test_training_path_of_the_token_levels_has_the_reference_values_and_gradients():
+    from granalign.scoring_granalign import (
+        _token_levels,
+        _token_levels_with_sparse_backward,
+        code_images,
+        code_texts,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    image_tokens = torch.randn(3, 7, 8, generator=generator, requires_grad=True)
+    text_tokens = torch.randn(4, 5, 8, generator=generator, requires_grad=True)
+    image_keep = torch.rand(3, 7, generator=generator).requires_grad_()
+    text_keep = torch.rand(4, 5, generator=generator).requires_grad_()
+    image_mask = torch.ones(3, 7, dtype=torch.long)
+    image_mask[1, 5:] = 0  # padded regions
+    text_mask = torch.ones(4, 5, dtype=torch.long)
+    text_mask[2, 3:] = 0
+    text_mask[3, 1:] = 0
+    weights = torch.randn(2, 3, 4, generator=generator)  # a random loss on both levels
+
+    def run(levels):
+        images = code_images(image_tokens, image_mask, image_keep, None)
+        texts = code_texts(text_tokens, text_mask, text_keep)
+        original, key = levels(images, texts, 0.1)
+        loss = (torch.stack([original, key]) * weights).sum()
+        grads = torch.autograd.grad(loss, (image_tokens, text_tokens, image_keep, text_keep))
+        return torch.stack([original, key]).detach(), grads
+
+    reference_values, reference_grads = run(_token_levels)
+    values, grads = run(_token_levels_with_sparse_backward)
+    torch.testing.assert_close(values, reference_values)
+    for got, expected in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

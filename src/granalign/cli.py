@@ -111,7 +111,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     print(f"{model_dir} on {data.source!r} split {args.split!r}, protocol {args.protocol!r}:")
     if args.shortlist is None:
-        result = evaluate_split(model, processor, split, args.protocol, **options)
+        result = evaluate_split(
+            model, processor, split, args.protocol, identical_captions=args.identical_captions, **options
+        )
         print(format_metrics_table(result))
     else:
         from granalign.evaluation.two_stage import evaluate_split_two_stage
@@ -173,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output-json", help="write the metrics to this JSON file")
     evaluate.add_argument(
         "--no-size-check", action="store_true", help="allow any image count for the protocol"
+    )
+    evaluate.add_argument(
+        "--identical-captions",
+        action="store_true",
+        help="also report metrics where a caption counts as correct for every image with an identical caption",
     )
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.add_argument(

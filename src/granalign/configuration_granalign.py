@@ -14,6 +14,10 @@ try:  # transformers >= 5
 except ImportError:  # pragma: no cover - transformers 4.x
     from transformers import PretrainedConfig as PreTrainedConfig
 
+# Registers the "efficientnet_lite" vision tower with AutoConfig / AutoModel, here so that a remote-code copy
+# of this file (no granalign package) resolves it too; `save_pretrained` ships the file with the checkpoint.
+from .efficientnet_lite_granalign import EfficientNetLiteConfig  # noqa: F401
+
 __all__ = ["ABLATION_VARIANTS", "VISION_PREFIX_TOKENS", "GranAlignConfig"]
 
 # Tokens a vision tower puts before its spatial tokens ([CLS], distillation, registers). Towers not listed
@@ -49,6 +53,7 @@ ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
 _CONTRASTIVE_LOSSES = ("hinge", "infonce")
 _KL_VARIANTS = ("full", "variance")
 _POOLINGS = ("token_max", "mean")
+_FEATURE_NORMS = ("none", "layernorm")
 
 
 def _resolve_subconfig(name: str, value: Any) -> PreTrainedConfig | None:
@@ -91,7 +96,12 @@ class GranAlignConfig(PreTrainedConfig):
             original, key (adapter-masked) and uncertainty (region) similarity levels.
         contrastive_loss (`str`, defaults to "hinge"): "hinge" (VSE++ triplet) or "infonce".
         margin (`float`, defaults to 0.2): hinge margin.
-        infonce_temperature (`float`, defaults to 0.05): temperature of the InfoNCE option.
+        infonce_temperature (`float`, defaults to 0.05): InfoNCE temperature τ; with `learn_temperature` it is
+            the initial value of the CLIP-style learnable `logit_scale = log(1/τ)`.
+        learn_temperature (`bool`, defaults to True): learn `logit_scale` with InfoNCE (CLIP). The hinge loss
+            does not depend on a scale, so with the hinge it stays fixed at `log(1/τ)`. `logits_per_image`
+            are `exp(logit_scale) · score`, so softmax probabilities (zero-shot) are calibrated.
+        logit_scale_max (`float`, defaults to 100.0): clamp of `exp(logit_scale)`, as CLIP.
         hardest_negative (`bool`, defaults to True): hinge on the hardest negative (else sum of violations).
         sum_violation_warmup_epochs (`int`, defaults to 1): epochs trained with the sum of violations first.
         recon_loss_weight (`float`, defaults to 1.0): λ_recon of the semantic-consistency loss.
@@ -100,6 +110,11 @@ class GranAlignConfig(PreTrainedConfig):
         entropy_loss_weight (`float`, defaults to 0.1): λ_ent of the prompt-usage entropy regulariser.
         keep_ratio_loss_weight (`float`, defaults to 0.0): weight of the optional `(mean(A) − ρ)²` penalty.
         keep_ratio_target (`float`, defaults to 0.5): ρ of that penalty.
+        global_level_weight (`float`, defaults to 0.0): weight g of a fourth, global level in the score,
+            `g · cos(image_embeds, text_embeds)` (the `get_*_features` embeddings), trained like the other
+            levels by the contrastive loss with weight g. Not in the paper (0 turns it off).
+        vision_feature_norm (`str`, defaults to "none"): "layernorm" normalises image tokens (tower outputs or
+            precomputed region features, e.g. ReLU6 CNN features in [0, 6]) before the visual projection.
         global_loss_weight (`float`, defaults to 0.0): weight of an optional contrastive loss (the same
             hinge/InfoNCE) on the global embeddings (`get_image_features` / `get_text_features`). Not part
             of the paper; it makes the embedding shortlist of two-stage search (and FAISS) usable.
@@ -147,6 +162,8 @@ class GranAlignConfig(PreTrainedConfig):
         contrastive_loss: str = "hinge",
         margin: float = 0.2,
         infonce_temperature: float = 0.05,
+        learn_temperature: bool = True,
+        logit_scale_max: float = 100.0,
         hardest_negative: bool = True,
         sum_violation_warmup_epochs: int = 1,
         recon_loss_weight: float = 1.0,
@@ -155,6 +172,8 @@ class GranAlignConfig(PreTrainedConfig):
         entropy_loss_weight: float = 0.1,
         keep_ratio_loss_weight: float = 0.0,
         keep_ratio_target: float = 0.5,
+        vision_feature_norm: str = "none",
+        global_level_weight: float = 0.0,
         global_loss_weight: float = 0.0,
         logvar_min: float = -10.0,
         logvar_max: float = 2.0,
@@ -181,6 +200,8 @@ class GranAlignConfig(PreTrainedConfig):
         self.contrastive_loss = contrastive_loss
         self.margin = margin
         self.infonce_temperature = infonce_temperature
+        self.learn_temperature = learn_temperature
+        self.logit_scale_max = logit_scale_max
         self.hardest_negative = hardest_negative
         self.sum_violation_warmup_epochs = sum_violation_warmup_epochs
         self.recon_loss_weight = recon_loss_weight
@@ -189,6 +210,8 @@ class GranAlignConfig(PreTrainedConfig):
         self.entropy_loss_weight = entropy_loss_weight
         self.keep_ratio_loss_weight = keep_ratio_loss_weight
         self.keep_ratio_target = keep_ratio_target
+        self.vision_feature_norm = vision_feature_norm
+        self.global_level_weight = global_level_weight
         self.global_loss_weight = global_loss_weight
         self.logvar_min = logvar_min
         self.logvar_max = logvar_max
@@ -248,6 +271,7 @@ class GranAlignConfig(PreTrainedConfig):
             "gumbel_temperature": self.gumbel_temperature,
             "infonce_temperature": self.infonce_temperature,
             "adapter_hidden_ratio": self.adapter_hidden_ratio,
+            "logit_scale_max": self.logit_scale_max,
         }
         for name, value in positive_floats.items():
             if not value > 0:
@@ -259,6 +283,7 @@ class GranAlignConfig(PreTrainedConfig):
             "entropy_loss_weight": self.entropy_loss_weight,
             "keep_ratio_loss_weight": self.keep_ratio_loss_weight,
             "global_loss_weight": self.global_loss_weight,
+            "global_level_weight": self.global_level_weight,
             "similarity_negative_slope": self.similarity_negative_slope,
             "sum_violation_warmup_epochs": self.sum_violation_warmup_epochs,
         }
@@ -286,6 +311,10 @@ class GranAlignConfig(PreTrainedConfig):
         if self.contrastive_loss not in _CONTRASTIVE_LOSSES:
             raise ValueError(
                 f"contrastive_loss must be one of {_CONTRASTIVE_LOSSES}, got {self.contrastive_loss!r}"
+            )
+        if self.vision_feature_norm not in _FEATURE_NORMS:
+            raise ValueError(
+                f"vision_feature_norm must be one of {_FEATURE_NORMS}, got {self.vision_feature_norm!r}"
             )
         if self.kl_variant not in _KL_VARIANTS:
             raise ValueError(f"kl_variant must be one of {_KL_VARIANTS}, got {self.kl_variant!r}")

@@ -21,11 +21,23 @@ __all__ = [
 ]
 
 
-def positive_pair_mask(image_ids: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
-    """`[B, B]` bool, True where image i and caption j show the same image (always on the diagonal)."""
-    if image_ids is None:
-        return torch.eye(batch_size, dtype=torch.bool, device=device)
-    return image_ids[:, None] == image_ids[None, :]
+def positive_pair_mask(
+    image_ids: torch.Tensor | None,
+    batch_size: int,
+    device: torch.device,
+    caption_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`[B, B]` bool, True where pair i's image and pair j's caption belong together: the same image
+    (`image_ids` `[B]`) or an identical caption string (`caption_ids` `[B]`); always on the diagonal.
+
+    With caption ids, "a red apple" on two images makes each image a positive of the other's caption
+    instead of a negative pushed away.
+    """
+    positives = torch.eye(batch_size, dtype=torch.bool, device=device)
+    for ids in (image_ids, caption_ids):
+        if ids is not None:
+            positives = positives | (ids[:, None] == ids[None, :])
+    return positives
 
 
 def hinge_triplet_loss(
@@ -45,10 +57,13 @@ def hinge_triplet_loss(
     return cost_caption.sum() + cost_image.sum()
 
 
-def infonce_loss(scores: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE on `[B, B]` scores / τ; other captions of the same image are not negatives."""
+def infonce_loss(
+    scores: torch.Tensor, positives: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Symmetric InfoNCE on `[B, B]` scores × `logit_scale` (= 1/τ, a tensor when learnt); other positives of
+    a row (captions of the same image, identical captions) are left out of its negatives."""
     off_diagonal_positives = positives & ~torch.eye(len(scores), dtype=torch.bool, device=scores.device)
-    logits = (scores / temperature).masked_fill(off_diagonal_positives, float("-inf"))
+    logits = (scores * logit_scale).masked_fill(off_diagonal_positives, float("-inf"))
     targets = torch.arange(len(scores), device=scores.device)
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 

@@ -14,6 +14,8 @@ checkpoint (`trust_remote_code`), so they import only torch and transformers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,7 @@ __all__ = [
 ]
 
 LEVEL_NAMES = ("original", "key", "uncertainty")
+_LOSS_TEXT_CHUNK = 32  # captions per chunk when the loss scores a batch
 
 
 # Layers that act only on a tower's pooled output (GRM uses the token outputs), per model type.
@@ -63,6 +66,14 @@ _POOLED_ONLY_LAYERS: dict[str, tuple[str, ...]] = {
     "siglip_vision_model": ("head", "vision_model.head"),
     "convnext": ("layernorm",),
     "convnextv2": ("layernorm",),
+    # timm backbones (TimmWrapper, with `do_pooling` off): what only timm's `forward_head` runs, i.e. the
+    # pooled-feature norm / pre-logits MLP of ConvNeXt/MaxViT-style heads, ViT `fc_norm` and `attn_pool`.
+    "timm_wrapper": (
+        "timm_model.head.norm",
+        "timm_model.head.pre_logits",
+        "timm_model.fc_norm",
+        "timm_model.attn_pool",
+    ),
 }
 
 
@@ -77,9 +88,14 @@ def _drop_pooling_head(tower: nn.Module) -> nn.Module:
             parameter.requires_grad_(False)
     if isinstance(getattr(tower, "pooler", None), nn.Module) and any(True for _ in tower.pooler.parameters()):
         tower.pooler = None
+    if tower.config.model_type == "timm_wrapper":
+        # TimmWrapperModel runs timm's `forward_head` (global pooling) for `pooler_output` unless told not to
+        tower.config.do_pooling = False
     for path in _POOLED_ONLY_LAYERS.get(tower.config.model_type, ()):
         parent_path, _, name = path.rpartition(".")
-        parent = getattr(tower, parent_path, None) if parent_path else tower
+        parent = tower
+        for part in parent_path.split(".") if parent_path else ():
+            parent = getattr(parent, part, None)
         if isinstance(getattr(parent, name, None), nn.Module):
             setattr(parent, name, nn.Identity())
     return tower
@@ -132,9 +148,11 @@ class GranAlignPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, GranAlignModel):
+            module.logit_scale.fill_(math.log(1.0 / self.config.infonce_temperature))
         elif isinstance(module, RegionPrompting):
             nn.init.normal_(module.prompts, mean=0.0, std=1.0)
             nn.init.constant_(module.logit_scale, self.config.region_prompt_scale_init)
@@ -170,6 +188,12 @@ class GranAlignModel(GranAlignPreTrainedModel):
             self.vision_model = _drop_pooling_head(AutoModel.from_config(config.vision_config))
             vision_width = self._tower_width(config.vision_config)
         self.text_model = _drop_pooling_head(AutoModel.from_config(config.text_config))
+        # no affine: the projection that follows can express it, and frozen inputs then need no gradient
+        self.visual_norm = (
+            nn.LayerNorm(vision_width, elementwise_affine=False)
+            if config.vision_feature_norm == "layernorm"
+            else None
+        )
         self.visual_projection = nn.Linear(vision_width, d)
         self.text_projection = nn.Linear(self._tower_width(config.text_config), d)
         adapter_width = max(1, int(d * config.adapter_hidden_ratio))
@@ -191,11 +215,36 @@ class GranAlignModel(GranAlignPreTrainedModel):
             )
             if config.use_uncertainty:
                 self.region_uncertainty = RegionUncertainty(d, config.logvar_min, config.logvar_max)
+        # CLIP's learnable temperature, log(1/τ); only InfoNCE depends on it, so it trains only there.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.infonce_temperature)))
+        self.logit_scale.requires_grad_(config.learn_temperature and config.contrastive_loss == "infonce")
         self.post_init()
 
     @staticmethod
     def _tower_width(tower_config: AutoConfig) -> int:
         """Width of a tower's last hidden state (hidden_size, or the last stage of Swin/ConvNeXt)."""
+        if getattr(tower_config, "model_type", "") == "timm_wrapper":
+            # timm's `num_features`, the channels of `forward_features`: timm's Hub configs store it; else
+            # (or with `model_args`, which may change it) ask the backbone, built on the meta device.
+            # (timm is imported only here: a TimmWrapper tower cannot exist without it.)
+            width = getattr(tower_config, "num_features", None)
+            model_args = dict(tower_config.model_args or {})
+            if isinstance(width, int) and not model_args:
+                return width
+            try:  # (in a try block: transformers' remote-code check then does not require timm)
+                import timm
+            except ImportError:
+                raise ImportError(
+                    f"a {tower_config.architecture!r} timm tower needs `pip install timm`"
+                ) from None
+
+            with torch.device("meta"):
+                backbone = timm.create_model(
+                    tower_config.architecture, pretrained=False, **{"num_classes": 0, **model_args}
+                )
+            if model_args.get("features_only"):
+                return int(backbone.feature_info.channels()[-1])
+            return int(backbone.num_features)
         for name in ("hidden_size", "embed_dim"):
             width = getattr(tower_config, name, None)
             if isinstance(width, int) and getattr(tower_config, "model_type", "") not in ("swin", "swinv2"):
@@ -272,8 +321,27 @@ class GranAlignModel(GranAlignPreTrainedModel):
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be [B, C, H, W], got {list(pixel_values.shape)}")
         hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if isinstance(hidden, (list, tuple)):  # timm `features_only` backbones: the deepest feature map
+            hidden = hidden[-1]
+        timm_model = getattr(self.vision_model, "timm_model", None)
+        if hidden.dim() == 4 and getattr(timm_model, "output_fmt", "NCHW") == "NHWC":  # timm Swin, MambaOut
+            hidden = hidden.permute(0, 3, 1, 2)
         if hidden.dim() == 4:  # convolutional towers: [B, C, H, W] feature map → tokens
             hidden = hidden.flatten(2).transpose(1, 2)
+        return self._tower_token_masks(hidden)
+
+    def vision_tower_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's token outputs `[B, L_v, h]` (what a frozen tower's cache stores)."""
+        if self.vision_model is None:
+            raise ValueError("this model takes precomputed region features; it has no vision tower to run")
+        return self._vision_tokens(pixel_values, None, None)[0]
+
+    def text_tower_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's token outputs `[B, L_t, h]` (what a frozen tower's cache stores)."""
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _tower_token_masks(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Vision tower states `[B, L_v, h]` with their token mask and spatial mask (prefix tokens off)."""
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         spatial = mask.clone()
         spatial[:, : self.config.num_prefix_tokens] = 0
@@ -284,15 +352,32 @@ class GranAlignModel(GranAlignPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         region_features: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
     ) -> GranAlignImageOutput:
         """Encode images once: tokens, adapter mask, regions and their Gaussians (see `GranAlignImageOutput`).
 
         Args:
             pixel_values: `[B, 3, H, W]` for models with a vision tower.
             region_features: `[B, N, region_feature_dim]` precomputed regions, with region_mask `[B, N]`.
+            vision_hidden_states: `[B, L_v, h]` outputs of this model's (frozen) vision tower computed
+                earlier with `vision_tower_states`, instead of pixel_values: the tower is skipped.
         """
-        hidden, token_mask, spatial_mask = self._vision_tokens(pixel_values, region_features, region_mask)
-        tokens = self.visual_projection(hidden.to(self.visual_projection.weight.dtype))
+        if vision_hidden_states is not None:
+            if self.vision_model is None:
+                raise ValueError(
+                    "vision_hidden_states need a model with a vision tower; pass region_features"
+                )
+            if vision_hidden_states.dim() != 3:
+                raise ValueError(
+                    f"vision_hidden_states must be [B, L_v, h], got {list(vision_hidden_states.shape)}"
+                )
+            hidden, token_mask, spatial_mask = self._tower_token_masks(vision_hidden_states)
+        else:
+            hidden, token_mask, spatial_mask = self._vision_tokens(pixel_values, region_features, region_mask)
+        hidden = hidden.to(self.visual_projection.weight.dtype)
+        if self.visual_norm is not None:
+            hidden = self.visual_norm(hidden)
+        tokens = self.visual_projection(hidden)
         keep = _keep_weights(self.significance_adapter, tokens, token_mask)
         output = GranAlignImageOutput(
             tokens=tokens,
@@ -313,18 +398,33 @@ class GranAlignModel(GranAlignPreTrainedModel):
         return output
 
     def encode_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_hidden_states: torch.Tensor | None = None,
     ) -> GranAlignTextOutput:
-        """Encode captions once: input_ids, attention_mask `[B, L_t]` → `GranAlignTextOutput`."""
-        if input_ids is None or input_ids.dim() != 2:
-            shape = None if input_ids is None else list(input_ids.shape)
-            raise ValueError(f"input_ids must be a [B, L] tensor, got {shape}")
+        """Encode captions once: input_ids, attention_mask `[B, L_t]` → `GranAlignTextOutput`.
+
+        `text_hidden_states` `[B, L_t, h]` (the outputs of this model's frozen text tower computed earlier
+        with `text_tower_states`, with their attention_mask) replace input_ids: the tower is skipped.
+        """
+        reference = text_hidden_states if text_hidden_states is not None else input_ids
+        expected_dims = 3 if text_hidden_states is not None else 2
+        if reference is None or reference.dim() != expected_dims:
+            shape = None if reference is None else list(reference.shape)
+            name = (
+                "text_hidden_states must be a [B, L, h]"
+                if expected_dims == 3
+                else "input_ids must be a [B, L]"
+            )
+            raise ValueError(f"{name} tensor, got {shape}")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         if not bool((attention_mask.sum(1) > 0).all()):
             raise ValueError("every caption needs at least one token: a row of attention_mask is all zeros")
-        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        tokens = self.text_projection(hidden)
+        if text_hidden_states is None:
+            text_hidden_states = self.text_tower_states(input_ids, attention_mask)
+        tokens = self.text_projection(text_hidden_states.to(self.text_projection.weight.dtype))
         keep = _keep_weights(self.granularity_adapter, tokens, attention_mask)
         return GranAlignTextOutput(
             tokens=tokens,
@@ -405,11 +505,30 @@ class GranAlignModel(GranAlignPreTrainedModel):
     ) -> torch.Tensor:
         """GRM similarity `a·S_ori + b·S_key + c·S_unc` of every image with every caption → `[N_img, N_txt]`."""
         levels = self.level_scores(image_outputs, text_outputs, image_chunk_size, text_chunk_size, dtype)
-        return self._combine_levels(levels)
+        return self._combine_levels(levels, image_outputs, text_outputs)
 
-    def _combine_levels(self, levels: torch.Tensor) -> torch.Tensor:
+    def temperature_scale(self) -> torch.Tensor:
+        """`exp(logit_scale)` clamped to `config.logit_scale_max`: the factor from scores to logits (1/τ)."""
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    def _combine_levels(
+        self, levels: torch.Tensor, image_outputs: GranAlignImageOutput, text_outputs: GranAlignTextOutput
+    ) -> torch.Tensor:
+        """`a·S_ori + b·S_key + c·S_unc` (+ `g·cos` of the global embeddings) of `[3, N, M]` levels."""
         weights = torch.tensor(self.config.effective_level_weights, dtype=levels.dtype, device=levels.device)
-        return torch.einsum("l,lnm->nm", weights, levels)
+        scores = torch.einsum("l,lnm->nm", weights, levels)
+        if self.config.global_level_weight > 0:
+            scores = scores + self.config.global_level_weight * self._global_scores(
+                image_outputs, text_outputs
+            )
+        return scores
+
+    @staticmethod
+    def _global_scores(
+        image_outputs: GranAlignImageOutput, text_outputs: GranAlignTextOutput
+    ) -> torch.Tensor:
+        """Cosines `[N, M]` of the unit global embeddings."""
+        return (image_outputs.image_embeds @ text_outputs.text_embeds.t()).float()
 
     # ------------------------------------------------------------------ losses
 
@@ -420,11 +539,13 @@ class GranAlignModel(GranAlignPreTrainedModel):
         image_ids: torch.Tensor | None = None,
         hardest_negative: bool | None = None,
         level_scores: torch.Tensor | None = None,
+        caption_ids: torch.Tensor | None = None,
     ) -> GranAlignLoss:
         """The full GRM objective for a batch of B aligned pairs (image i ↔ caption i).
 
         Args:
             image_ids: `[B]` ids; captions of the same image are not negatives of each other.
+            caption_ids: `[B]` ids of the caption strings; identical captions are not negatives either.
             hardest_negative: overrides `config.hardest_negative` (False = sum of violations, for warm-up).
             level_scores: `[3, B, B]` if already computed.
         """
@@ -434,26 +555,28 @@ class GranAlignModel(GranAlignPreTrainedModel):
             raise ValueError(
                 f"the loss needs aligned pairs: got {batch} images and {text_outputs.tokens.shape[0]} captions"
             )
-        if image_ids is not None and image_ids.shape != (batch,):
-            raise ValueError(f"image_ids must have shape [{batch}], got {list(image_ids.shape)}")
+        for name, ids in (("image_ids", image_ids), ("caption_ids", caption_ids)):
+            if ids is not None and ids.shape != (batch,):
+                raise ValueError(f"{name} must have shape [{batch}], got {list(ids.shape)}")
         if level_scores is None:
-            level_scores = self.level_scores(image_outputs, text_outputs, batch, batch)
+            # captions in length-sorted chunks cut to their widest: no work on padding (same scores)
+            level_scores = self.level_scores(image_outputs, text_outputs, batch, _LOSS_TEXT_CHUNK)
         hardest = config.hardest_negative if hardest_negative is None else hardest_negative
-        positives = positive_pair_mask(image_ids, batch, level_scores.device)
+        positives = positive_pair_mask(image_ids, batch, level_scores.device, caption_ids)
         terms: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         contrastive = list(zip(LEVEL_NAMES, level_scores, config.effective_level_weights, strict=True))
-        if config.global_loss_weight > 0:
-            # the global embeddings, for embedding shortlists (optional; not in the paper)
-            global_scores = image_outputs.image_embeds @ text_outputs.text_embeds.t()
-            contrastive.append(("global", global_scores.float(), config.global_loss_weight))
+        global_weight = config.global_loss_weight + config.global_level_weight
+        if global_weight > 0:
+            # the global embeddings: a level of the score, or for embedding shortlists (not in the paper)
+            contrastive.append(("global", self._global_scores(image_outputs, text_outputs), global_weight))
         for name, scores, weight in contrastive:
             if weight == 0:
                 continue
             if config.contrastive_loss == "hinge":
                 terms[f"contrastive_{name}"] = hinge_triplet_loss(scores, positives, config.margin, hardest)
             else:
-                terms[f"contrastive_{name}"] = infonce_loss(scores, positives, config.infonce_temperature)
+                terms[f"contrastive_{name}"] = infonce_loss(scores, positives, self.temperature_scale())
             weights[f"contrastive_{name}"] = weight
         if image_outputs.region_means is not None:
             masked_tokens = image_outputs.tokens * image_outputs.keep_weights.unsqueeze(-1)
@@ -487,6 +610,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
         region_features: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
+        caption_ids: torch.Tensor | None = None,
         return_loss: bool | None = None,
         hardest_negative: bool | None = None,
         return_dict: bool | None = None,
@@ -498,6 +622,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
             input_ids, attention_mask: `[B_txt, L_t]` tokenised captions.
             pixel_values: `[B_img, 3, H, W]`, or region_features `[B_img, N, D]` with region_mask `[B_img, N]`.
             image_ids: `[B]` image ids for the loss (same id: not a negative).
+            caption_ids: `[B]` caption-string ids for the loss (identical captions: not negatives).
             return_loss: compute the GRM objective; needs B_img == B_txt aligned pairs.
             hardest_negative: overrides `config.hardest_negative` for this call.
         """
@@ -505,10 +630,14 @@ class GranAlignModel(GranAlignPreTrainedModel):
         text_outputs = self.encode_text(input_ids, attention_mask)
         num_images, num_texts = image_outputs.tokens.shape[0], text_outputs.tokens.shape[0]
         levels = self.level_scores(image_outputs, text_outputs, max(num_images, 1), max(num_texts, 1))
-        logits_per_image = self._combine_levels(levels)
+        logits_per_image = (
+            self._combine_levels(levels, image_outputs, text_outputs) * self.temperature_scale()
+        )
         loss = loss_terms = None
         if return_loss:
-            objective = self.compute_loss(image_outputs, text_outputs, image_ids, hardest_negative, levels)
+            objective = self.compute_loss(
+                image_outputs, text_outputs, image_ids, hardest_negative, levels, caption_ids
+            )
             loss, loss_terms = objective.loss, objective.terms
         output = GranAlignOutput(
             loss=loss,

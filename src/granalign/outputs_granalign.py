@@ -83,7 +83,8 @@ class GranAlignOutput(ModelOutput):
     Attributes:
         loss: scalar training loss (with `return_loss=True`).
         loss_terms: each loss term (contrastive per level, recon, kl, entropy, keep_ratio), unweighted.
-        logits_per_image: `[B_img, B_txt]` GRM scores `a·S_ori + b·S_key + c·S_unc`.
+        logits_per_image: `[B_img, B_txt]` GRM scores `a·S_ori + b·S_key + c·S_unc` times `exp(logit_scale)`
+            (CLIP-style logits: a softmax over captions gives calibrated probabilities).
         logits_per_text: `[B_txt, B_img]` the transpose.
         level_scores: `[3, B_img, B_txt]` the original, key and uncertainty levels.
         text_embeds: `[B_txt, d]`, image_embeds: `[B_img, d]` unit global embeddings.

@@ -174,23 +174,113 @@ def length_sorted(texts: CodedTexts) -> tuple[torch.Tensor, CodedTexts, torch.Te
     return order, CodedTexts(*(field[order] for field in texts)), widths
 
 
+class _TokenMaxima(torch.autograd.Function):
+    """The token maxima of the original and key levels, with a backward that never stores the cosines.
+
+    Forward (no graph): one product gives the cosines `c` `[n, L_v, m, L_t]`; returns, for the original
+    level, `max_j c_ij` `[n, m, L_t]` and `max_i c_ij` `[n, L_v, m]`, and for the key level the same
+    maxima of `b_j c_ij` and `a_i c_ij` (b, a the per-token scales). Backward: the gradient of a maximum
+    goes to its argmax only, so the gradient of the cosines is a sparse scatter of the output gradients;
+    two matrix products turn it into token gradients. Autograd through `pooled_similarity` instead keeps
+    several `n · L_v · m · L_t` tensors per level and is several times slower on CPU. Ties (measure zero
+    for real tokens) send the whole gradient to one argmax instead of splitting it.
+    """
+
+    @staticmethod
+    def forward(ctx, image_tokens, text_tokens, image_scales, text_scales):
+        cosine = _pairwise_cosine(image_tokens, text_tokens)  # [n, L_v, m, L_t]
+        text_original, text_original_at = cosine.max(dim=1)  # [n, m, L_t]
+        image_original, image_original_at = cosine.max(dim=3)  # [n, L_v, m]
+        text_key, text_key_at = (cosine * image_scales[:, :, None, None].to(cosine.dtype)).max(dim=1)
+        image_key, image_key_at = (cosine * text_scales[None, None].to(cosine.dtype)).max(dim=3)
+        # raw cosines at the key-level argmaxes: the gradients of the scales
+        ctx.text_key_cos = cosine.gather(1, text_key_at.unsqueeze(1)).squeeze(1)
+        ctx.image_key_cos = cosine.gather(3, image_key_at.unsqueeze(3)).squeeze(3)
+        ctx.save_for_backward(image_tokens, text_tokens, image_scales, text_scales)
+        ctx.argmaxes = (text_original_at, image_original_at, text_key_at, image_key_at)
+        return text_original, image_original, text_key, image_key
+
+    @staticmethod
+    def backward(ctx, grad_text_original, grad_image_original, grad_text_key, grad_image_key):
+        image_tokens, text_tokens, image_scales, text_scales = ctx.saved_tensors
+        text_original_at, image_original_at, text_key_at, image_key_at = ctx.argmaxes
+        n, length_v, dim = image_tokens.shape
+        m, length_t, _ = text_tokens.shape
+        grad = image_tokens.new_zeros((n, length_v, m, length_t))
+        b = image_scales.to(grad.dtype)
+        a = text_scales.to(grad.dtype)
+        grad.scatter_add_(1, text_original_at.unsqueeze(1), grad_text_original.to(grad.dtype).unsqueeze(1))
+        grad.scatter_add_(3, image_original_at.unsqueeze(3), grad_image_original.to(grad.dtype).unsqueeze(3))
+        b_at = b.gather(1, text_key_at.reshape(n, -1)).view_as(text_key_at)
+        grad.scatter_add_(1, text_key_at.unsqueeze(1), (grad_text_key * b_at).unsqueeze(1))
+        a_at = a[torch.arange(m, device=a.device)[None, None, :], image_key_at]  # [n, L_v, m]
+        grad.scatter_add_(3, image_key_at.unsqueeze(3), (grad_image_key * a_at).unsqueeze(3))
+        flat = grad.view(n * length_v, m * length_t)
+        grad_image = (flat @ text_tokens.reshape(m * length_t, dim).to(grad.dtype)).view(n, length_v, dim)
+        grad_text = (flat.t() @ image_tokens.reshape(n * length_v, dim).to(grad.dtype)).view(m, length_t, dim)
+        grad_b = torch.zeros_like(b).scatter_add_(
+            1, text_key_at.reshape(n, -1), (grad_text_key * ctx.text_key_cos).reshape(n, -1)
+        )
+        grad_a = torch.zeros_like(a).index_put_(
+            (torch.arange(m, device=a.device)[None, None, :].expand_as(image_key_at), image_key_at),
+            grad_image_key * ctx.image_key_cos,
+            accumulate=True,
+        )
+        return (
+            grad_image.to(image_tokens.dtype),
+            grad_text.to(text_tokens.dtype),
+            grad_b.to(image_scales.dtype),
+            grad_a.to(text_scales.dtype),
+        )
+
+
+def _pool_maxima(
+    text_best: torch.Tensor,
+    image_best: torch.Tensor,
+    image_weights: torch.Tensor,
+    text_weights: torch.Tensor,
+    negative_slope: float,
+) -> torch.Tensor:
+    """`pooled_similarity` from its maxima: text_best `[n, m, L_t]`, image_best `[n, L_v, m]` → `[n, m]`."""
+    text_term = _weighted_mean(F.leaky_relu(text_best.float(), negative_slope), text_weights, dim=-1)
+    image_term = _weighted_mean(
+        F.leaky_relu(image_best.float(), negative_slope), image_weights[:, :, None], dim=1
+    )
+    return text_term + image_term
+
+
+def _token_levels_with_sparse_backward(
+    images: CodedImages, texts: CodedTexts, negative_slope: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original and key levels `[n, m]` each, through `_TokenMaxima` (training)."""
+    text_original, image_original, text_key, image_key = _TokenMaxima.apply(
+        images.tokens, texts.tokens, images.scales, texts.scales
+    )
+    original = _pool_maxima(text_original, image_original, images.valid, texts.valid, negative_slope)
+    key = _pool_maxima(
+        text_key.float() * texts.scales,
+        image_key.float() * images.scales[:, :, None],
+        images.weights,
+        texts.weights,
+        negative_slope,
+    )
+    return original, key
+
+
 def level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: float) -> torch.Tensor:
     """The three GRM similarity levels for every image-caption pair of one chunk → `[3, n, m]`.
 
     Rows are `original`, `key` and `uncertainty` (zeros for a model without regions). Memory:
-    `n · L_v · m · L_t` cosines.
+    `n · L_v · m · L_t` cosines. When gradients are needed, the token maxima go through `_TokenMaxima`,
+    whose backward does not keep the cosines (same values, same gradients up to ties).
     """
-    cosine = _pairwise_cosine(images.tokens, texts.tokens)
-    original = pooled_similarity(cosine, images.valid, texts.valid, negative_slope)
-    key = pooled_similarity(
-        cosine,
-        images.weights,
-        texts.weights,
-        negative_slope,
-        image_scales=images.scales.to(cosine.dtype),
-        text_scales=texts.scales,
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (images.tokens, texts.tokens, images.scales, texts.scales)
     )
-    del cosine
+    if needs_grad:
+        original, key = _token_levels_with_sparse_backward(images, texts, negative_slope)
+    else:
+        original, key = _token_levels(images, texts, negative_slope)
     if images.regions is None:
         return torch.stack([original, key, torch.zeros_like(original)])
     region_cosine = _pairwise_cosine(images.regions, texts.tokens)
@@ -202,6 +292,23 @@ def level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: f
         text_scales=texts.scales,
     )
     return torch.stack([original, key, uncertainty])
+
+
+def _token_levels(
+    images: CodedImages, texts: CodedTexts, negative_slope: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original and key levels `[n, m]` each, from one cosine product (the reference path)."""
+    cosine = _pairwise_cosine(images.tokens, texts.tokens)
+    original = pooled_similarity(cosine, images.valid, texts.valid, negative_slope)
+    key = pooled_similarity(
+        cosine,
+        images.weights,
+        texts.weights,
+        negative_slope,
+        image_scales=images.scales.to(cosine.dtype),
+        text_scales=texts.scales,
+    )
+    return original, key
 
 
 def _mean_embedding(coded: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ __all__ = [
     "METRIC_KEYS",
     "RECALL_KEYS",
     "RECALL_KS",
+    "caption_groups",
     "retrieval_metrics",
+    "retrieval_metrics_identical_captions",
     "retrieval_ranks",
     "text_to_image_from_caption_ids",
 ]
@@ -159,6 +161,57 @@ def retrieval_metrics(
     i2t, t2i = retrieval_ranks(scores, text_to_image, max_chunk_elements=max_chunk_elements)
     a, b = _rank_summary(i2t, "i2t"), _rank_summary(t2i, "t2i")
     merged = {**a, **b}
+    merged["rsum"] = sum(merged[key] for key in RECALL_KEYS)
+    return {key: merged[key] for key in METRIC_KEYS}
+
+
+def caption_groups(captions: Sequence[str]) -> np.ndarray:
+    """`[N_txt]` int64 ids, equal for captions that are the same string up to case and spacing."""
+    ids: dict[str, int] = {}
+    return np.fromiter(
+        (ids.setdefault(" ".join(str(c).lower().split()), len(ids)) for c in captions),
+        dtype=np.int64,
+        count=len(captions),
+    )
+
+
+def retrieval_metrics_identical_captions(
+    scores: np.ndarray | torch.Tensor,
+    text_to_image: Sequence[int] | np.ndarray | torch.Tensor,
+    captions: Sequence[str],
+    *,
+    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+) -> dict[str, float]:
+    """`retrieval_metrics` where a caption also counts as correct for every image that has an identical
+    caption (same string up to case and spacing), in both directions.
+
+    Datasets whose captions repeat across images (titles such as "a red apple") make the strict protocol
+    unwinnable: two images with the same caption cannot both rank first. Keys as `retrieval_metrics`;
+    with no repeated caption the two give the same numbers.
+    """
+    s = _as_scores(scores)
+    num_images, num_texts = s.shape
+    t2i = _as_text_to_image(text_to_image, num_images, num_texts, s.device)
+    if len(captions) != num_texts:
+        raise ValueError(f"got {len(captions)} captions for {num_texts} score columns")
+    if torch.isnan(s).any():
+        raise ValueError("scores contain NaN; expected finite or ±inf values")
+    groups = torch.from_numpy(caption_groups(captions)).to(s.device)
+    image_has_group = torch.zeros(num_images, int(groups.max()) + 1, dtype=torch.bool, device=s.device)
+    image_has_group[t2i, groups] = True  # [N_img, N_groups]
+    i2t = torch.empty(num_images, dtype=torch.int64, device=s.device)
+    step = _chunk_size(num_texts, max_chunk_elements)
+    for start in range(0, num_images, step):
+        block, positive = s[start : start + step], image_has_group[start : start + step][:, groups]
+        best = block.masked_fill(~positive, -torch.inf).amax(dim=1, keepdim=True)
+        i2t[start : start + step] = 1 + ((block >= best) & ~positive).sum(dim=1)
+    t2i_ranks = torch.empty(num_texts, dtype=torch.int64, device=s.device)
+    step = _chunk_size(num_images, max_chunk_elements)
+    for start in range(0, num_texts, step):
+        block, positive = s[:, start : start + step], image_has_group[:, groups[start : start + step]]
+        best = block.masked_fill(~positive, -torch.inf).amax(dim=0, keepdim=True)
+        t2i_ranks[start : start + step] = 1 + ((block >= best) & ~positive).sum(dim=0)
+    merged = {**_rank_summary(i2t.cpu().numpy(), "i2t"), **_rank_summary(t2i_ranks.cpu().numpy(), "t2i")}
     merged["rsum"] = sum(merged[key] for key in RECALL_KEYS)
     return {key: merged[key] for key in METRIC_KEYS}
 

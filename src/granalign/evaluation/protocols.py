@@ -157,6 +157,8 @@ def _table_rows(name: str, result: Mapping[str, Any]) -> list[tuple[str, Mapping
     rows = [(label, result["metrics"])]
     if len(folds) > 1:
         rows += [(f"  fold {k}", fold) for k, fold in enumerate(folds)]
+    if "identical_captions" in result:
+        rows.append((f"{name}, identical captions correct", result["identical_captions"]))
     return rows
 
 

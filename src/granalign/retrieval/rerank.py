@@ -198,4 +198,10 @@ def pair_scores(
         dtype,
         device,
     )
-    return combine_levels(levels, config.level_weights)
+    scores = combine_levels(levels, config.level_weights)
+    global_weight = getattr(config, "global_level_weight", 0.0)
+    if global_weight > 0:  # the global level: cosines of the unit global embeddings of each pair
+        image = image_outputs.image_embeds[image_index.to(image_outputs.image_embeds.device)]
+        text = text_outputs.text_embeds[text_index.to(text_outputs.text_embeds.device)]
+        scores = scores + global_weight * (image * text).sum(-1).float().to(scores.device)
+    return scores

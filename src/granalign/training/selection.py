@@ -12,7 +12,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from granalign.evaluation.protocols import format_metrics_table, save_metrics_json
+from granalign.evaluation.protocols import PROTOCOLS, format_metrics_table, save_metrics_json
 from granalign.evaluation.runner import evaluate_split
 from granalign.modeling_granalign import GranAlignModel
 from granalign.training.checkpoint import TrainerState, save_model_dir
@@ -43,8 +43,11 @@ def evaluate_dev(
     state: TrainerState,
     output_dir: Path,
     hub_callback: Any = None,
+    states: Any = None,
 ) -> None:
-    """Score the dev split; record it in `state`; save `output_dir/best` when dev rSum improves."""
+    """Score the dev split; record it in `state`; save `output_dir/best` when dev rSum improves.
+
+    `states` holds the dev split's frozen-tower caches (`SplitStates`), if any."""
     e = recipe.eval
     result = evaluate_split(
         model,
@@ -56,6 +59,7 @@ def evaluate_dev(
         e.text_chunk_size,
         accelerator=accelerator,
         progress=recipe.train.progress_bar,
+        states=states,
     )
     metrics = result["metrics"]
     state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
@@ -91,8 +95,11 @@ def finish_run(
     test_split: Any,
     state: TrainerState,
     output_dir: Path,
+    states: Any = None,
 ) -> TrainResult:
-    """Load the dev-selected model, evaluate it on the test split once, export it to `final/`."""
+    """Load the dev-selected model, evaluate it on the test split once, export it to `final/`.
+
+    `states` holds the test split's frozen-tower caches (`SplitStates`), if any."""
     best_dir = output_dir / "best"
     if state.best_metric is not None and best_dir.is_dir():
         model = GranAlignModel.from_pretrained(best_dir).to(accelerator.device)
@@ -109,6 +116,8 @@ def finish_run(
             e.text_chunk_size,
             accelerator=accelerator,
             progress=recipe.train.progress_bar,
+            states=states,
+            identical_captions=e.identical_captions and PROTOCOLS[e.protocol].num_folds == 1,
         )
         accelerator.print(f"test split {recipe.data.test_split!r}, protocol {e.protocol!r}:")
         accelerator.print(format_metrics_table(test))

@@ -29,11 +29,19 @@ class ContrastiveStep(nn.Module):
             pixel_values=batch.get("pixel_values"),
             region_features=batch.get("region_features"),
             region_mask=batch.get("region_mask"),
+            vision_hidden_states=batch.get("vision_hidden_states"),
         )
-        text = self.model.encode_text(batch["input_ids"], batch["attention_mask"])
-        image_ids = batch["image_ids"]
+        text = self.model.encode_text(
+            batch.get("input_ids"),
+            batch["attention_mask"],
+            text_hidden_states=batch.get("text_hidden_states"),
+        )
+        image_ids, caption_ids = batch["image_ids"], batch.get("caption_ids")
         if world_size() > 1:
             image = gather_output(image, concat_image_outputs)
             text = gather_output(text, concat_text_outputs)
             image_ids = gather_tensor(image_ids)
-        return self.model.compute_loss(image, text, image_ids=image_ids, hardest_negative=hardest_negative)
+            caption_ids = None if caption_ids is None else gather_tensor(caption_ids)
+        return self.model.compute_loss(
+            image, text, image_ids=image_ids, hardest_negative=hardest_negative, caption_ids=caption_ids
+        )

@@ -1,0 +1,276 @@
+"""Frozen towers: cached token outputs equal running the tower, the cache is keyed by what it depends on,
+and training on caches leaves the towers untouched. Plus the real-data fixes of the same issue:
+identical captions as positives, the identical-captions metric, the learnable logit scale, early
+stopping and checkpoint limits."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_configs import MICRO_RECIPE, image_inputs, text_inputs, tiny_model
+
+from granalign.evaluation.metrics import retrieval_metrics, retrieval_metrics_identical_captions
+from granalign.losses_granalign import hinge_triplet_loss, positive_pair_mask
+from granalign.training.builders import build_processor, load_recipe_splits
+from granalign.training.collate import AlignmentCollator, CaptionPairDataset, caption_string_ids
+from granalign.training.loop import train
+from granalign.training.recipe import recipe_from_dict
+from granalign.training.tower_cache import cache_image_states, cache_text_states
+
+
+def _micro(tmp_path: Path, **train_options) -> dict:
+    recipe = copy.deepcopy(MICRO_RECIPE)
+    recipe["output_dir"] = str(tmp_path / "run")
+    recipe["model"].update(
+        freeze_vision_tower=True, freeze_text_tower=True, tower_cache_dir=str(tmp_path / "cache")
+    )
+    recipe["train"].update(train_options)
+    return recipe
+
+
+def test_cached_tower_states_give_the_same_encodings_as_running_the_towers() -> None:
+    model = tiny_model("vit").eval()
+    pixels, captions = image_inputs("vit", batch=3), text_inputs(batch=4)
+    with torch.no_grad():
+        direct_image = model.encode_image(**pixels)
+        cached_image = model.encode_image(vision_hidden_states=model.vision_tower_states(**pixels))
+        direct_text = model.encode_text(**captions)
+        states = model.text_tower_states(captions["input_ids"], captions["attention_mask"])
+        cached_text = model.encode_text(attention_mask=captions["attention_mask"], text_hidden_states=states)
+    for direct, cached in ((direct_image, cached_image), (direct_text, cached_text)):
+        for key, value in direct.items():
+            torch.testing.assert_close(cached[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="vision_hidden_states must be"):
+        model.encode_image(vision_hidden_states=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="text_hidden_states must be"):
+        model.encode_text(text_hidden_states=torch.zeros(2, 5))
+
+
+@pytest.fixture(scope="module")
+def micro_splits():
+    recipe = recipe_from_dict(copy.deepcopy(MICRO_RECIPE))
+    train_split, _, _, _ = load_recipe_splits(recipe.data)
+    return recipe, train_split
+
+
+def test_text_and_image_caches_hold_the_tower_outputs_and_are_keyed_by_weights(tmp_path, micro_splits):
+    recipe, split = micro_splits
+    processor = build_processor(recipe.model, split)
+    model = tiny_model("vit").eval()
+    model.vision_model = tiny_model("vit").vision_model  # same architecture as the processor's 32-px input
+    model.text_model.resize_token_embeddings(len(processor.tokenizer))
+    captions = [c for row in split["captions"] for c in row][:10]
+    cache = cache_text_states(model, processor, captions, tmp_path, dtype="float32", progress=False)
+    inputs = processor(text=captions, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        expected = model.text_tower_states(inputs["input_ids"], inputs["attention_mask"])
+    states, mask = cache.batch(range(10))
+    torch.testing.assert_close(mask, inputs["attention_mask"][:, : mask.shape[1]])
+    torch.testing.assert_close(states * mask[..., None], expected[:, : mask.shape[1]] * mask[..., None])
+    # the same request reads the cache; a changed tower or caption list gets its own
+    assert (
+        cache_text_states(model, processor, captions, tmp_path, "float32", progress=False).path == cache.path
+    )
+    assert (
+        cache_text_states(model, processor, captions[:9], tmp_path, "float32", progress=False).path
+        != cache.path
+    )
+    with torch.no_grad():
+        model.text_model.embeddings.word_embeddings.weight[5] += 1
+    assert (
+        cache_text_states(model, processor, captions, tmp_path, "float32", progress=False).path != cache.path
+    )
+
+    images = cache_image_states(model, processor, split, tmp_path, dtype="float16", progress=False)
+    pixels = processor(images=split[:4]["image"], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.vision_tower_states(pixels)
+    got, mask = images.batch([0, 1, 2, 3])
+    assert bool(mask.all()) and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)  # float16 storage
+    assert not list(Path(tmp_path).glob(".tmp-*"))  # written atomically, no leftovers
+
+
+def test_training_on_frozen_towers_leaves_them_unchanged_and_skips_their_augmentation(
+    tmp_path, monkeypatch
+) -> None:
+    recipe = recipe_from_dict(_micro(tmp_path, epochs=1))
+    import granalign.training.loop as loop
+    from granalign.training.builders import build_model, build_train_pairs
+
+    train_split, _, _, _ = load_recipe_splits(recipe.data)
+    processor = build_processor(recipe.model, train_split)
+    pairs = build_train_pairs(recipe, train_split, processor)
+    assert pairs.image_augmenter is None and pairs.caption_augmenter is None and "image" not in pairs[0]
+
+    built = {}
+
+    def build_and_remember(*args):
+        model = built["model"] = build_model(*args)
+        built["initial"] = copy.deepcopy(model.state_dict())
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_and_remember)
+    result = train(recipe)
+    from granalign import GranAlignModel
+
+    model, initial = built["model"], built["initial"]
+    assert not any(p.requires_grad for p in model.text_model.parameters())
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    trained = GranAlignModel.from_pretrained(result.final_dir).state_dict()
+    towers = [k for k in initial if k.startswith(("vision_model.", "text_model."))]
+    assert towers and all(torch.equal(initial[k], trained[k]) for k in towers)
+    assert not torch.equal(initial["visual_projection.weight"], trained["visual_projection.weight"])
+
+
+def test_collator_reads_cached_states_by_row_and_caption(tmp_path, micro_splits) -> None:
+    recipe, split = micro_splits
+    processor = build_processor(recipe.model, split)
+    model = tiny_model("vit").eval()
+    model.text_model.resize_token_embeddings(len(processor.tokenizer))
+    captions = [c for row in split["captions"] for c in row]
+    texts = cache_text_states(model, processor, captions, tmp_path, "float32", progress=False)
+    images = cache_image_states(model, processor, split, tmp_path, "float32", progress=False)
+    pairs = CaptionPairDataset(split, load_images=False)
+    batch = AlignmentCollator(processor, image_states=images, text_states=texts)([pairs[7], pairs[0]])
+    assert "pixel_values" not in batch and "input_ids" not in batch
+    expected_images, _ = images.batch([pairs[7]["image_index"], pairs[0]["image_index"]])
+    torch.testing.assert_close(batch["vision_hidden_states"], expected_images)
+    expected_text, mask = texts.batch([7, 0])
+    torch.testing.assert_close(batch["text_hidden_states"], expected_text)
+    torch.testing.assert_close(batch["attention_mask"], mask)
+
+
+def test_identical_captions_are_positives_in_the_loss() -> None:
+    assert caption_string_ids(["A red  apple", "a red apple", "a pear"]) == [0, 0, 1]
+    positives = positive_pair_mask(torch.tensor([0, 1, 2]), 3, torch.device("cpu"), torch.tensor([5, 5, 6]))
+    assert positives.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    # pair 0 and 1 share a caption: scoring image 0 high with caption 1 must not be penalised
+    scores = torch.tensor([[1.0, 0.95, 0.0], [0.95, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    strict = hinge_triplet_loss(scores, positive_pair_mask(None, 3, scores.device), 0.2, False)
+    grouped = hinge_triplet_loss(scores, positives, 0.2, False)
+    assert strict > 0 and grouped == 0
+    model = tiny_model("vit")
+    images, texts = image_inputs("vit", batch=4), text_inputs(batch=4)
+    with torch.no_grad():
+        output = model(**images, **texts)
+        ids = torch.arange(4)
+        plain = model.compute_loss(output.image_outputs, output.text_outputs, ids, False, output.level_scores)
+        same = model.compute_loss(
+            output.image_outputs,
+            output.text_outputs,
+            ids,
+            False,
+            output.level_scores,
+            torch.tensor([0, 0, 1, 2]),
+        )
+    assert same.terms["contrastive_original"] < plain.terms["contrastive_original"]
+
+
+def _reference_identical_caption_ranks(scores: np.ndarray, text_to_image: list[int], captions: list[str]):
+    groups = caption_string_ids(captions)
+    image_groups = [
+        {groups[j] for j, i in enumerate(text_to_image) if i == row} for row in range(len(scores))
+    ]
+    positive = np.array(
+        [[groups[j] in image_groups[i] for j in range(len(captions))] for i in range(len(scores))]
+    )
+    i2t = [1 + sum(scores[i, j] >= scores[i][positive[i]].max() and not positive[i, j] for j in range(len(captions)))
+           for i in range(len(scores))]  # fmt: skip
+    t2i = [1 + sum(scores[i, j] >= scores[:, j][positive[:, j]].max() and not positive[i, j] for i in range(len(scores)))
+           for j in range(len(captions))]  # fmt: skip
+    return np.array(i2t), np.array(t2i)
+
+
+def test_identical_caption_metric_matches_a_brute_force_reference_and_the_strict_one_without_repeats() -> (
+    None
+):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(6, 12)).astype(np.float32)  # many ties
+    text_to_image = [j // 2 for j in range(12)]
+    captions = [f"caption {j}" for j in range(12)]
+    assert retrieval_metrics_identical_captions(scores, text_to_image, captions) == retrieval_metrics(
+        scores, text_to_image
+    )
+    captions[0] = captions[5] = "Gramastar"
+    captions[7] = "gramastar "
+    i2t, t2i = _reference_identical_caption_ranks(scores, text_to_image, captions)
+    got = retrieval_metrics_identical_captions(scores, text_to_image, captions)
+    assert got["i2t_r1"] == pytest.approx(100 * np.mean(i2t <= 1))
+    assert got["t2i_r5"] == pytest.approx(100 * np.mean(t2i <= 5))
+    assert got["t2i_meanr"] == pytest.approx(t2i.mean()) and got["i2t_meanr"] == pytest.approx(i2t.mean())
+
+
+def test_logit_scale_is_learnt_with_infonce_and_scales_the_logits() -> None:
+    hinge = tiny_model("vit")
+    assert not hinge.logit_scale.requires_grad
+    assert hinge.temperature_scale().item() == pytest.approx(1 / hinge.config.infonce_temperature)
+    model = tiny_model("vit", contrastive_loss="infonce", infonce_temperature=0.07)
+    assert model.logit_scale.requires_grad
+    output = model(**image_inputs("vit", batch=4), **text_inputs(batch=4), return_loss=True)
+    output.loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+    torch.testing.assert_close(output.logits_per_image, output.level_scores.new_tensor(1 / 0.07) * (
+        model.score(output.image_outputs, output.text_outputs)))  # fmt: skip
+    capped = tiny_model("vit", infonce_temperature=1e-4, logit_scale_max=50.0)
+    assert capped.temperature_scale().item() == pytest.approx(50.0)
+
+
+def test_vision_feature_norm_layernorm_normalises_region_features() -> None:
+    model = tiny_model(None, vision_feature_norm="layernorm").eval()
+    inputs = image_inputs(None, batch=2)
+    with torch.no_grad():
+        shifted = {**inputs, "region_features": inputs["region_features"] * 3.0 + 2.0}
+        a, b = model.encode_image(**inputs), model.encode_image(**shifted)
+    torch.testing.assert_close(a.tokens, b.tokens, atol=1e-4, rtol=1e-4)  # invariant to scale and shift
+    with pytest.raises(ValueError, match="vision_feature_norm must be one of"):
+        tiny_model(None, vision_feature_norm="batchnorm")
+
+
+def test_early_stopping_and_checkpoint_options(tmp_path) -> None:
+    recipe = recipe_from_dict(_micro(tmp_path, epochs=6, early_stopping_patience=1, save_checkpoints=False))
+    recipe.optim.lr = 1e-9  # no progress: the first evaluation stays the best
+    recipe.model.grm["use_region_prompting"] = False
+    result = train(recipe)
+    state_history = __import__("json").loads((Path(result.output_dir) / "metrics.json").read_text())[
+        "dev_history"
+    ]
+    assert len(state_history) < 6 and result.final_dir.is_dir()
+    assert not (Path(result.output_dir) / "checkpoints").exists()
+
+    kept = recipe_from_dict(_micro(tmp_path / "kept", epochs=3, save_total_limit=2, checkpoint_every_steps=0))
+    train(kept)
+    assert len(list((Path(kept.output_dir) / "checkpoints").glob("step-*"))) == 2
+
+
+def test_tower_fingerprint_covers_scalar_buffers() -> None:
+    from granalign.training.tower_cache import _fingerprint
+
+    tower = torch.nn.BatchNorm1d(3)  # has a 0-dim `num_batches_tracked` buffer
+    before = _fingerprint("image", tower, {}, [], "float16")
+    tower.num_batches_tracked += 1
+    assert _fingerprint("image", tower, {}, [], "float16") != before
+
+
+def test_global_level_adds_the_embedding_cosine_to_the_score_and_the_loss_and_the_rerank() -> None:
+    from granalign.retrieval.rerank import pair_scores
+
+    plain = tiny_model("vit").eval()
+    model = tiny_model("vit", global_level_weight=0.5).eval()
+    model.load_state_dict(plain.state_dict())
+    pixels, captions = image_inputs("vit", batch=3), text_inputs(batch=4)
+    with torch.no_grad():
+        images, texts = model.encode_image(**pixels), model.encode_text(**captions)
+        expected = plain.score(images, texts) + 0.5 * images.image_embeds @ texts.text_embeds.t()
+        torch.testing.assert_close(model.score(images, texts), expected)
+        torch.testing.assert_close(
+            model(**pixels, **captions).logits_per_image, expected * model.temperature_scale()
+        )
+        rows, cols = torch.tensor([0, 2, 1]), torch.tensor([3, 0, 1])
+        torch.testing.assert_close(pair_scores(model, images, texts, rows, cols), expected[rows, cols])
+    loss = model.train()(**image_inputs("vit", batch=4), **text_inputs(batch=4), return_loss=True)
+    assert "contrastive_global" in loss.loss_terms
