@@ -35,8 +35,11 @@ def run_variant(recipe_path: str, variant: str, seed: int, overrides: list[str],
     result = train(recipe)
     if result.test_metrics is None:
         raise RuntimeError(f"{variant} seed {seed}: the run reported no test metrics")
-    metrics = result.test_metrics.get("metrics", result.test_metrics)
-    return {"variant": variant, "seed": seed, "wall_s": time.perf_counter() - start, **metrics}
+    metrics = dict(result.test_metrics.get("metrics", result.test_metrics))
+    if "identical_captions" in result.test_metrics:
+        metrics["identical_rsum"] = result.test_metrics["identical_captions"]["rsum"]
+    wall = time.perf_counter() - start
+    return {"variant": variant, "seed": seed, "wall_s": wall, "dev_rsum": result.best_metric, **metrics}
 
 
 def summarise(rows: list[dict]) -> str:
