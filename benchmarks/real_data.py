@@ -29,11 +29,11 @@ from ablation import run_variant
 from torch import nn
 
 from granalign.configuration_granalign import ABLATION_VARIANTS
+from granalign.data.captions import caption_ids
 from granalign.evaluation.metrics import retrieval_metrics, retrieval_metrics_identical_captions
 from granalign.evaluation.runner import caption_index
 from granalign.losses_granalign import infonce_loss, positive_pair_mask
 from granalign.training.builders import build_model, build_processor, load_recipe_splits
-from granalign.training.collate import caption_string_ids
 from granalign.training.recipe import load_recipe
 from granalign.training.tower_cache import SplitStates, build_split_states
 
@@ -89,7 +89,7 @@ def run_simple_baseline(recipe_path: str, seed: int, overrides: list[str], patie
     images, texts = _pooled(states[0])
     _, rows = caption_index(train_split)
     rows = torch.tensor(rows)
-    caption_ids = torch.tensor(caption_string_ids([c for r in train_split["captions"] for c in r]))
+    caption_groups = torch.from_numpy(caption_ids([c for r in train_split["captions"] for c in r]))
     model = SimpleDualEncoder(images.shape[1], texts.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     best, best_state, since_best = -1.0, None, 0
@@ -98,7 +98,7 @@ def run_simple_baseline(recipe_path: str, seed: int, overrides: list[str], patie
         order = torch.randperm(len(rows), generator=generator)
         for batch in order[: len(order) // 128 * 128].view(-1, 128):
             scores = model.scores(images[rows[batch]], texts[batch])
-            positives = positive_pair_mask(rows[batch], len(batch), scores.device, caption_ids[batch])
+            positives = positive_pair_mask(rows[batch], len(batch), scores.device, caption_groups[batch])
             loss = infonce_loss(scores, positives, model.logit_scale.exp().clamp(max=100))
             optimizer.zero_grad()
             loss.backward()

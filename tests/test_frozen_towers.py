@@ -13,10 +13,11 @@ import pytest
 import torch
 from tiny_configs import MICRO_RECIPE, image_inputs, text_inputs, tiny_model
 
+from granalign.data.captions import caption_ids
 from granalign.evaluation.metrics import retrieval_metrics, retrieval_metrics_identical_captions
 from granalign.losses_granalign import hinge_triplet_loss, positive_pair_mask
 from granalign.training.builders import build_processor, load_recipe_splits
-from granalign.training.collate import AlignmentCollator, CaptionPairDataset, caption_string_ids
+from granalign.training.collate import AlignmentCollator, CaptionPairDataset
 from granalign.training.loop import train
 from granalign.training.recipe import recipe_from_dict
 from granalign.training.tower_cache import cache_image_states, cache_text_states
@@ -126,6 +127,16 @@ def test_training_on_frozen_towers_leaves_them_unchanged_and_skips_their_augment
     assert towers and all(torch.equal(initial[k], trained[k]) for k in towers)
     assert not torch.equal(initial["visual_projection.weight"], trained["visual_projection.weight"])
 
+    # the saved model evaluates with the identical-captions metric beside the strict one
+    from granalign.cli import main
+
+    report = tmp_path / "eval.json"
+    args = ["evaluate", str(result.final_dir), "--split", "test", "--no-progress", "--identical-captions"]
+    assert main([*args, "--output-json", str(report)]) == 0
+    saved = __import__("json").loads(report.read_text())
+    assert saved["identical_captions"]["rsum"] >= saved["metrics"]["rsum"]
+    assert main([*args, "--protocol", "coco-1k"]) == 2  # five folds: refused, naming the protocol
+
 
 def test_collator_reads_cached_states_by_row_and_caption(tmp_path, micro_splits) -> None:
     recipe, split = micro_splits
@@ -146,7 +157,7 @@ def test_collator_reads_cached_states_by_row_and_caption(tmp_path, micro_splits)
 
 
 def test_identical_captions_are_positives_in_the_loss() -> None:
-    assert caption_string_ids(["A red  apple", "a red apple", "a pear"]) == [0, 0, 1]
+    assert caption_ids(["A red  apple", "a red apple", "a pear"]).tolist() == [0, 0, 1]
     positives = positive_pair_mask(torch.tensor([0, 1, 2]), 3, torch.device("cpu"), torch.tensor([5, 5, 6]))
     assert positives.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
     # pair 0 and 1 share a caption: scoring image 0 high with caption 1 must not be penalised
@@ -172,7 +183,7 @@ def test_identical_captions_are_positives_in_the_loss() -> None:
 
 
 def _reference_identical_caption_ranks(scores: np.ndarray, text_to_image: list[int], captions: list[str]):
-    groups = caption_string_ids(captions)
+    groups = caption_ids(captions).tolist()
     image_groups = [
         {groups[j] for j, i in enumerate(text_to_image) if i == row} for row in range(len(scores))
     ]

@@ -464,21 +464,17 @@ def _check_plain_reloadable_processor(processor, photos, tmp_path):
 
 
 def test_recipe_image_processor_for_the_lite0_tower_is_a_plain_reloadable_one(lite0_dir, photos, tmp_path):
-    from granalign.training.builders import pretrained_image_processor
-
     path, _ = lite0_dir
-    _check_plain_reloadable_processor(pretrained_image_processor(path), photos, tmp_path)
+    _check_plain_reloadable_processor(load_image_processor(path), photos, tmp_path)
 
 
 def test_recipe_image_processor_for_a_timm_tower_is_a_plain_reloadable_one(photos, tmp_path):
     pytest.importorskip("timm", reason=NO_TIMM)
     from transformers import TimmWrapperConfig
 
-    from granalign.training.builders import pretrained_image_processor
-
     data_config = {"input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.875}
     data_config.update(crop_mode="center", mean=list(efficientnet_lite.INPUT_MEAN))
     data_config["std"] = list(efficientnet_lite.INPUT_STD)
     TimmWrapperConfig(architecture="test_efficientnet", pretrained_cfg=data_config).save_pretrained(tmp_path)
     assert type(AutoImageProcessor.from_pretrained(tmp_path)).__name__ == "TimmWrapperImageProcessor"
-    _check_plain_reloadable_processor(pretrained_image_processor(str(tmp_path)), photos, tmp_path)
+    _check_plain_reloadable_processor(load_image_processor(str(tmp_path)), photos, tmp_path)

@@ -52,6 +52,7 @@ import numpy as np
 from datasets import DatasetDict
 from PIL import Image
 
+from .captions import caption_key, normalize_caption
 from .checks import build_image_split, resolve_splits
 from .schema import SPLITS, validate_dataset_dict
 
@@ -92,16 +93,6 @@ def default_cache_dir() -> Path:
     """`$GRANALIGN_CACHE/openclipart`, or `~/.cache/granalign/openclipart` when the variable is unset."""
     root = os.environ.get("GRANALIGN_CACHE")
     return Path(root) / OPENCLIPART if root else Path.home() / ".cache" / "granalign" / OPENCLIPART
-
-
-def normalize_caption(text: str) -> str:
-    """`text` with runs of whitespace collapsed to one space and no leading/trailing space."""
-    return " ".join(text.split())
-
-
-def caption_key(caption: str) -> str:
-    """The case- and whitespace-insensitive form under which captions are capped, deduplicated and split."""
-    return normalize_caption(caption).casefold()
 
 
 def expand_internal_entities(data: bytes) -> bytes:

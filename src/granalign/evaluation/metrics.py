@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from granalign.data.captions import caption_ids
+
 __all__ = [
     "METRIC_KEYS",
     "RECALL_KEYS",
     "RECALL_KS",
-    "caption_groups",
     "retrieval_metrics",
     "retrieval_metrics_identical_captions",
     "retrieval_ranks",
@@ -165,16 +166,6 @@ def retrieval_metrics(
     return {key: merged[key] for key in METRIC_KEYS}
 
 
-def caption_groups(captions: Sequence[str]) -> np.ndarray:
-    """`[N_txt]` int64 ids, equal for captions that are the same string up to case and spacing."""
-    ids: dict[str, int] = {}
-    return np.fromiter(
-        (ids.setdefault(" ".join(str(c).lower().split()), len(ids)) for c in captions),
-        dtype=np.int64,
-        count=len(captions),
-    )
-
-
 def retrieval_metrics_identical_captions(
     scores: np.ndarray | torch.Tensor,
     text_to_image: Sequence[int] | np.ndarray | torch.Tensor,
@@ -183,7 +174,7 @@ def retrieval_metrics_identical_captions(
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
 ) -> dict[str, float]:
     """`retrieval_metrics` where a caption also counts as correct for every image that has an identical
-    caption (same string up to case and spacing), in both directions.
+    caption (the same `caption_key`: case and spacing ignored), in both directions.
 
     Datasets whose captions repeat across images (titles such as "a red apple") make the strict protocol
     unwinnable: two images with the same caption cannot both rank first. Keys as `retrieval_metrics`;
@@ -196,7 +187,7 @@ def retrieval_metrics_identical_captions(
         raise ValueError(f"got {len(captions)} captions for {num_texts} score columns")
     if torch.isnan(s).any():
         raise ValueError("scores contain NaN; expected finite or ±inf values")
-    groups = torch.from_numpy(caption_groups(captions)).to(s.device)
+    groups = torch.from_numpy(caption_ids(captions)).to(s.device)
     image_has_group = torch.zeros(num_images, int(groups.max()) + 1, dtype=torch.bool, device=s.device)
     image_has_group[t2i, groups] = True  # [N_img, N_groups]
     i2t = torch.empty(num_images, dtype=torch.int64, device=s.device)

@@ -97,25 +97,31 @@ def resolve_pretrained_tower(name_or_path: str) -> str:
 
 
 def load_image_processor(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-    """`AutoImageProcessor.from_pretrained`, made to survive `GranAlignProcessor.save_pretrained`.
+    """The image processor of a pretrained vision tower (`pypi:` names resolved), made reloadable.
 
-    A `TimmWrapperImageProcessor` is built from the `pretrained_cfg` in its model's `config.json` but keeps
-    only the resolved `data_config`, so the copy a `GranAlignProcessor` writes to `processor_config.json`
-    cannot be loaded back (`__init__() missing ... 'pretrained_cfg'`). Attaching that `data_config` as
-    `pretrained_cfg` (a valid timm data config: input size, crop, interpolation, mean, std) fixes it.
+    A timm tower's `TimmWrapperImageProcessor` is replaced by the equivalent plain resize + normalise
+    processor (its input size, interpolation, mean and std; no centre crop, which would cut the edges of
+    square renders): the timm one cannot be reloaded once saved inside a `GranAlignProcessor` (it rebuilds
+    itself from the model's `config.json`, which is then the GRM config), and the plain one also loads
+    where timm is not installed. `kwargs` override the processor's settings.
     """
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(
         resolve_pretrained_tower(os.fspath(name_or_path)), **kwargs
     )
-    data_config = getattr(processor, "data_config", None)
-    if (
-        type(processor).__name__ == "TimmWrapperImageProcessor"
-        and getattr(processor, "pretrained_cfg", None) is None
-    ):
-        processor.pretrained_cfg = {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in dict(data_config).items()
-        }
-    return processor
+    if type(processor).__name__ != "TimmWrapperImageProcessor":
+        return processor
+    try:
+        from transformers import ViTImageProcessorPil as plain_processor
+    except ImportError:  # pragma: no cover - transformers 4.x
+        from transformers import ViTImageProcessor as plain_processor
+    data = dict(processor.data_config)
+    size = int(data["input_size"][-1])
+    settings = {
+        "size": {"height": size, "width": size},
+        "image_mean": list(data["mean"]),
+        "image_std": list(data["std"]),
+        "resample": {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(data.get("interpolation"), 3),
+    }
+    return plain_processor(**{**settings, **kwargs})

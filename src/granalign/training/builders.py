@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from datasets import Dataset, DatasetDict
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from granalign.configuration_granalign import GranAlignConfig
 from granalign.data.checks import check_images
@@ -30,7 +30,6 @@ __all__ = [
     "get_split",
     "load_recipe_dataset",
     "load_recipe_splits",
-    "pretrained_image_processor",
     "scratch_image_processor",
     "skip_bad_rows",
 ]
@@ -106,33 +105,9 @@ def resolve_towers(model: ModelRecipe) -> ModelRecipe:
     resolved = {
         name: resolve_pretrained_tower(value)
         for name in fields
-        if isinstance(value := getattr(model, name), str) and value.startswith("pypi:")
+        if isinstance(value := getattr(model, name), str)
     }
-    return dataclasses.replace(model, **resolved) if resolved else model
-
-
-def pretrained_image_processor(name_or_path: str, overrides: dict[str, Any] | None = None) -> Any:
-    """The image processor of a pretrained vision tower.
-
-    A timm tower's `TimmWrapperImageProcessor` is replaced by the equivalent plain resize + normalise
-    processor (its input size, interpolation, mean and std; no centre crop, which would cut the edges
-    of square renders): the timm one cannot be reloaded once saved inside a `GranAlignProcessor` (it
-    rebuilds itself from the model's `config.json`, which is then the GRM config), and the plain one
-    also loads where timm is not installed.
-    """
-    processor = AutoImageProcessor.from_pretrained(name_or_path, **(overrides or {}))
-    if type(processor).__name__ != "TimmWrapperImageProcessor":
-        return processor
-    data = dict(processor.data_config)
-    size = int(data["input_size"][-1])
-    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(data.get("interpolation"), 3)
-    settings = {
-        "size": {"height": size, "width": size},
-        "image_mean": list(data["mean"]),
-        "image_std": list(data["std"]),
-        "resample": resample,
-    }
-    return scratch_image_processor({"image_size": size}, {**settings, **(overrides or {})})
+    return dataclasses.replace(model, **resolved)
 
 
 def build_processor(model: ModelRecipe, train_split: Dataset | None = None) -> GranAlignProcessor:
@@ -148,7 +123,9 @@ def build_processor(model: ModelRecipe, train_split: Dataset | None = None) -> G
     if model.region_feature_dim is not None:
         image_processor = None
     elif model.vision_pretrained is not None:
-        image_processor = pretrained_image_processor(model.vision_pretrained, model.image_processor)
+        from granalign.towers import load_image_processor
+
+        image_processor = load_image_processor(model.vision_pretrained, **(model.image_processor or {}))
     else:
         image_processor = scratch_image_processor(model.vision_config or {}, model.image_processor)
     return GranAlignProcessor(

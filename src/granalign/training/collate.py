@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from granalign.data.captions import caption_ids
 from granalign.training.augment import CaptionAugmenter, ImageAugmenter, sample_rng, swap_left_right
 
 __all__ = ["AlignmentCollator", "CaptionPairDataset", "EpochPermutationSampler"]
@@ -69,7 +70,7 @@ class CaptionPairDataset(torch.utils.data.Dataset):
             self.rows.extend([row] * len(captions))
         if not self.captions:
             raise ValueError("the split has no captions to pair with its images")
-        self.caption_ids = caption_string_ids(self.captions)
+        self.caption_ids = caption_ids(self.captions).tolist()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentation the next items get."""
@@ -87,14 +88,12 @@ class CaptionPairDataset(torch.utils.data.Dataset):
             "caption_index": index,
             "caption_id": self.caption_ids[index],
         }
-        if not self.load_images:
-            pass
-        elif self.uses_regions:
+        if self.load_images and self.uses_regions:
             record = self.split[row]
             item["region_features"] = np.asarray(record["region_features"], dtype=np.float32)
             if "region_boxes" in record:
                 item["region_boxes"] = np.asarray(record["region_boxes"], dtype=np.float32)
-        else:
+        elif self.load_images:
             image = self.split[row]["image"]
             if self.image_augmenter is not None:
                 image, flipped = self.image_augmenter(image, rng)
@@ -105,12 +104,6 @@ class CaptionPairDataset(torch.utils.data.Dataset):
             caption = self.caption_augmenter(caption, rng)
         item["caption"] = caption
         return item
-
-
-def caption_string_ids(captions: list[str]) -> list[int]:
-    """An id per caption, equal for captions that are the same string up to case and spacing."""
-    ids: dict[str, int] = {}
-    return [ids.setdefault(" ".join(caption.lower().split()), len(ids)) for caption in captions]
 
 
 class AlignmentCollator:
