@@ -77,11 +77,11 @@ def test_invalid_values_name_the_field_and_value(overrides, message):
     assert message in str(error.value)
 
 
-def test_missing_image_input_and_text_tower():
+def test_missing_towers_are_the_defaults_and_two_image_inputs_raise():
+    assert GranAlignConfig(text_config={"model_type": "bert"}).vision_config.model_type == "vit"
+    assert GranAlignConfig(region_feature_dim=16).text_config.model_type == "bert"
     with pytest.raises(ValueError, match="give exactly one image input"):
-        GranAlignConfig(text_config={"model_type": "bert"})
-    with pytest.raises(ValueError, match="text_config is required"):
-        GranAlignConfig(region_feature_dim=16)
+        GranAlignConfig(region_feature_dim=16, vision_config={"model_type": "vit"})
     with pytest.raises(ValueError, match="region_feature_dim must be an integer >= 1, got 0"):
         GranAlignConfig(text_config={"model_type": "bert"}, region_feature_dim=0)
 

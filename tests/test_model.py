@@ -163,9 +163,9 @@ def test_global_features_match_the_encoders():
     model = tiny_model("vit").eval()
     pixels, captions = image_inputs("vit", batch=2), text_inputs(batch=3)
     with torch.no_grad():
-        assert model.get_image_features(**pixels).shape == (2, 32)
+        assert model.get_image_features(**pixels).pooler_output.shape == (2, 32)
         torch.testing.assert_close(
-            model.get_text_features(**captions), model.encode_text(**captions).text_embeds
+            model.get_text_features(**captions).pooler_output, model.encode_text(**captions).text_embeds
         )
 
 

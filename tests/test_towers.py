@@ -368,7 +368,7 @@ def test_grm_with_the_lite0_tower_and_processor(lite0_dir, lite0_grm, photos, tm
         features = model.get_image_features(batch["pixel_values"])
         scores = model.score(images, model.encode_text(ids, batch["attention_mask"]))
     assert images.tokens.shape == (2, 49, 16)  # 7 x 7 feature map at 224 px
-    torch.testing.assert_close(features.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(features.pooler_output.norm(dim=-1), torch.ones(2))
     assert scores.shape == (2, 1) and bool(torch.isfinite(scores).all())
     # the processor (with its plain image processor) survives save/load
     processor.save_pretrained(tmp_path / "processor")

@@ -13,6 +13,10 @@ try:  # transformers >= 5
     from transformers import PreTrainedConfig
 except ImportError:  # pragma: no cover - transformers 4.x
     from transformers import PretrainedConfig as PreTrainedConfig
+try:  # transformers >= 5.x: per-sub-config specs (`sub_configs` is derived from them)
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # pragma: no cover - older releases declare `sub_configs` directly
+    SubConfigSpec = None
 
 # Registers the "efficientnet_lite" vision tower with AutoConfig / AutoModel, here so that a remote-code copy
 # of this file (no granalign package) resolves it too; `save_pretrained` ships the file with the checkpoint.
@@ -54,6 +58,8 @@ _CONTRASTIVE_LOSSES = ("hinge", "infonce")
 _KL_VARIANTS = ("full", "variance")
 _POOLINGS = ("token_max", "mean")
 _FEATURE_NORMS = ("none", "layernorm")
+# The towers of `GranAlignConfig()` with no arguments (as VisionTextDualEncoderConfig's defaults).
+DEFAULT_VISION_TYPE, DEFAULT_TEXT_TYPE = "vit", "bert"
 
 
 def _resolve_subconfig(name: str, value: Any) -> PreTrainedConfig | None:
@@ -81,12 +87,13 @@ class GranAlignConfig(PreTrainedConfig):
     r"""Configuration of a [`GranAlignModel`]: two HF towers plus every GRM hyper-parameter.
 
     The image side is either a vision tower (`vision_config`) or precomputed region features of size
-    `region_feature_dim` (e.g. 36 x 2048 detector regions); exactly one must be given.
+    `region_feature_dim` (e.g. 36 x 2048 detector regions); giving both is an error. With neither, as with
+    no `text_config`, the towers are transformers' default ViT and BERT (so `GranAlignConfig()` is valid).
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*): any HF vision tower (ViT, Swin, CLIP-vision,
             DINOv2, ConvNeXt, ...), as a config or a dict with `model_type`.
-        text_config (`dict` or `PreTrainedConfig`): any HF text encoder (BERT, RoBERTa, MiniLM, ...).
+        text_config (`dict` or `PreTrainedConfig`, *optional*): any HF text encoder (BERT, RoBERTa, MiniLM, ...).
         region_feature_dim (`int`, *optional*): feature size of precomputed regions, instead of a vision tower.
         embed_dim (`int`, defaults to 512): the shared token dimension d.
         num_regions (`int`, defaults to 5): number of region prompts K (paper: 5 for ViT, 50 for Swin).
@@ -148,6 +155,15 @@ class GranAlignConfig(PreTrainedConfig):
     """
 
     model_type = "granalign"
+    # The towers are sub-configs, so `attn_implementation=` and `dtype=` given to `from_pretrained` reach
+    # them. vision_config is optional: models on precomputed regions have no vision tower.
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "vision_config": SubConfigSpec(AutoConfig, model_type=DEFAULT_VISION_TYPE, optional=True),
+            "text_config": SubConfigSpec(AutoConfig, model_type=DEFAULT_TEXT_TYPE),
+        }
+    else:  # pragma: no cover
+        sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     def __init__(
         self,
@@ -189,8 +205,10 @@ class GranAlignConfig(PreTrainedConfig):
         similarity_pooling: str = "token_max",
         **kwargs: Any,
     ) -> None:
+        if vision_config is None and region_feature_dim is None:  # the default config: ViT + BERT
+            vision_config = {"model_type": DEFAULT_VISION_TYPE}
         self.vision_config = _resolve_subconfig("vision_config", vision_config)
-        self.text_config = _resolve_subconfig("text_config", text_config)
+        self.text_config = _resolve_subconfig("text_config", text_config or {"model_type": DEFAULT_TEXT_TYPE})
         self.region_feature_dim = region_feature_dim
         self.embed_dim = embed_dim
         self.num_regions = num_regions

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_granalign import GranAlignConfig
 from .layers_granalign import RegionPrompting, RegionUncertainty, TokenAdapter
@@ -56,6 +58,19 @@ __all__ = [
 ]
 
 LEVEL_NAMES = ("original", "key", "uncertainty")
+
+
+def _check_rows_nonempty(mask: torch.Tensor, message: str) -> None:
+    """Raise `ValueError(message)` if a row of `mask` `[B, L]` is all zeros.
+
+    Under `torch.compile` the check is an asynchronous assert in the graph (no graph break)."""
+    has_tokens = (mask.sum(1) > 0).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(has_tokens, message)
+    elif not bool(has_tokens):
+        raise ValueError(message)
+
+
 _LOSS_TEXT_CHUNK = 32  # captions per chunk when the loss scores a batch
 
 
@@ -130,7 +145,14 @@ class GranAlignPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # The GRM parts are small; transformers adds the towers' own `_no_split_modules` to these.
+    _no_split_modules = ("TokenAdapter", "RegionPrompting", "RegionUncertainty")
+    # Attention runs only inside the towers, so each backend is available where the towers support it
+    # (transformers checks the sub-models when one is requested).
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual; a model registered for remote code also maps the zero-shot pipeline's auto class."""
@@ -294,8 +316,10 @@ class GranAlignModel(GranAlignPreTrainedModel):
         pixel_values: torch.Tensor | None,
         region_features: torch.Tensor | None,
         region_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Image tokens before projection `[B, L_v, h]`, their mask and spatial mask `[B, L_v]`."""
+        **tower_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ModelOutput | None]:
+        """Image tokens before projection `[B, L_v, h]`, their mask and spatial mask `[B, L_v]`, and the
+        vision tower's output (None for regions); `tower_kwargs` (`output_hidden_states`, ...) go to it."""
         if self.vision_model is None:
             if region_features is None:
                 raise ValueError(
@@ -311,16 +335,18 @@ class GranAlignModel(GranAlignPreTrainedModel):
                 region_mask = torch.ones(
                     region_features.shape[:2], dtype=torch.long, device=region_features.device
                 )
-            if not bool((region_mask.sum(1) > 0).all()):
-                raise ValueError("every image needs at least one region: a row of region_mask is all zeros")
-            return region_features, region_mask, region_mask
+            _check_rows_nonempty(
+                region_mask, "every image needs at least one region: a row of region_mask is all zeros"
+            )
+            return region_features, region_mask, region_mask, None
         if pixel_values is None:
             raise ValueError(
                 "this model has a vision tower: pass pixel_values [B, 3, H, W], not region_features"
             )
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be [B, C, H, W], got {list(pixel_values.shape)}")
-        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        tower_output = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
+        hidden = tower_output.last_hidden_state
         if isinstance(hidden, (list, tuple)):  # timm `features_only` backbones: the deepest feature map
             hidden = hidden[-1]
         timm_model = getattr(self.vision_model, "timm_model", None)
@@ -328,7 +354,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
             hidden = hidden.permute(0, 3, 1, 2)
         if hidden.dim() == 4:  # convolutional towers: [B, C, H, W] feature map → tokens
             hidden = hidden.flatten(2).transpose(1, 2)
-        return self._tower_token_masks(hidden)
+        return (*self._tower_token_masks(hidden), tower_output)
 
     def vision_tower_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision tower's token outputs `[B, L_v, h]` (what a frozen tower's cache stores)."""
@@ -362,6 +388,18 @@ class GranAlignModel(GranAlignPreTrainedModel):
             vision_hidden_states: `[B, L_v, h]` outputs of this model's (frozen) vision tower computed
                 earlier with `vision_tower_states`, instead of pixel_values: the tower is skipped.
         """
+        return self._encode_image(pixel_values, region_features, region_mask, vision_hidden_states)[0]
+
+    def _encode_image(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        **tower_kwargs,
+    ) -> tuple[GranAlignImageOutput, ModelOutput | None]:
+        """`encode_image`, plus the vision tower's own output (None where the tower did not run)."""
+        tower_output = None
         if vision_hidden_states is not None:
             if self.vision_model is None:
                 raise ValueError(
@@ -373,7 +411,9 @@ class GranAlignModel(GranAlignPreTrainedModel):
                 )
             hidden, token_mask, spatial_mask = self._tower_token_masks(vision_hidden_states)
         else:
-            hidden, token_mask, spatial_mask = self._vision_tokens(pixel_values, region_features, region_mask)
+            hidden, token_mask, spatial_mask, tower_output = self._vision_tokens(
+                pixel_values, region_features, region_mask, **tower_kwargs
+            )
         hidden = hidden.to(self.visual_projection.weight.dtype)
         if self.visual_norm is not None:
             hidden = self.visual_norm(hidden)
@@ -387,7 +427,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
             image_embeds=_masked_unit_mean(tokens, keep),
         )
         if self.region_prompting is None:
-            return output
+            return output, tower_output
         masked_tokens = tokens * keep.unsqueeze(-1).to(tokens.dtype)
         attention, normalized, means = self.region_prompting(masked_tokens, spatial_mask)
         output.region_attention, output.region_means, output.region_tokens = normalized, means, means
@@ -395,7 +435,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
             output.region_logvars, output.region_tokens = self.region_uncertainty(means, normalized)
         usage = attention.sum(1)
         output.mixture_weights = usage / usage.sum(-1, keepdim=True).clamp_min(1e-6)
-        return output
+        return output, tower_output
 
     def encode_text(
         self,
@@ -408,6 +448,16 @@ class GranAlignModel(GranAlignPreTrainedModel):
         `text_hidden_states` `[B, L_t, h]` (the outputs of this model's frozen text tower computed earlier
         with `text_tower_states`, with their attention_mask) replace input_ids: the tower is skipped.
         """
+        return self._encode_text(input_ids, attention_mask, text_hidden_states)[0]
+
+    def _encode_text(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_hidden_states: torch.Tensor | None = None,
+        **tower_kwargs,
+    ) -> tuple[GranAlignTextOutput, ModelOutput | None]:
+        """`encode_text`, plus the text tower's own output (None where the tower did not run)."""
         reference = text_hidden_states if text_hidden_states is not None else input_ids
         expected_dims = 3 if text_hidden_states is not None else 2
         if reference is None or reference.dim() != expected_dims:
@@ -420,33 +470,61 @@ class GranAlignModel(GranAlignPreTrainedModel):
             raise ValueError(f"{name} tensor, got {shape}")
         if attention_mask is None:
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        if not bool((attention_mask.sum(1) > 0).all()):
-            raise ValueError("every caption needs at least one token: a row of attention_mask is all zeros")
+        _check_rows_nonempty(
+            attention_mask, "every caption needs at least one token: a row of attention_mask is all zeros"
+        )
+        tower_output = None
         if text_hidden_states is None:
-            text_hidden_states = self.text_tower_states(input_ids, attention_mask)
+            tower_output = self.text_model(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs
+            )
+            text_hidden_states = tower_output.last_hidden_state
         tokens = self.text_projection(text_hidden_states.to(self.text_projection.weight.dtype))
         keep = _keep_weights(self.granularity_adapter, tokens, attention_mask)
-        return GranAlignTextOutput(
+        text = GranAlignTextOutput(
             tokens=tokens,
             token_mask=attention_mask,
             keep_weights=keep,
             text_embeds=_masked_unit_mean(tokens, keep),
         )
+        return text, tower_output
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor | None = None,
         region_features: torch.Tensor | None = None,
         region_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Unit global image embeddings `[B, d]` (CLIP-style; e.g. for a shortlist before fine scoring)."""
-        return self.encode_image(pixel_values, region_features, region_mask).image_embeds
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Global image embeddings, as transformers 5's CLIP returns them.
 
+        Returns a `BaseModelOutputWithPooling`: `pooler_output` `[B, d]` the unit global embedding (e.g. for
+        a shortlist before fine scoring), `last_hidden_state` the vision tower's `[B, L_v, h]` (the region
+        features for region models), and the tower's `hidden_states` / `attentions` with
+        `output_hidden_states` / `output_attentions`. `return_dict=False` gives a tuple.
+        """
+        images, tower = self._encode_image(pixel_values, region_features, region_mask, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=region_features if tower is None else tower.last_hidden_state,
+            pooler_output=images.image_embeds,
+            hidden_states=getattr(tower, "hidden_states", None),
+            attentions=getattr(tower, "attentions", None),
+        )
+
+    @can_return_tuple
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Unit global caption embeddings `[B, d]`."""
-        return self.encode_text(input_ids, attention_mask).text_embeds
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Global caption embeddings: `pooler_output` `[B, d]` unit vectors, `last_hidden_state` the text
+        tower's `[B, L_t, h]`, and its `hidden_states` / `attentions` where asked (as `get_image_features`)."""
+        texts, tower = self._encode_text(input_ids, attention_mask, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=texts.text_embeds,
+            hidden_states=tower.hidden_states,
+            attentions=tower.attentions,
+        )
 
     # ------------------------------------------------------------------ scoring
 
@@ -613,6 +691,8 @@ class GranAlignModel(GranAlignPreTrainedModel):
         caption_ids: torch.Tensor | None = None,
         return_loss: bool | None = None,
         hardest_negative: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> GranAlignOutput | tuple:
@@ -625,9 +705,17 @@ class GranAlignModel(GranAlignPreTrainedModel):
             caption_ids: `[B]` caption-string ids for the loss (identical captions: not negatives).
             return_loss: compute the GRM objective; needs B_img == B_txt aligned pairs.
             hardest_negative: overrides `config.hardest_negative` for this call.
+            output_hidden_states, output_attentions: return the towers' hidden states / attentions in
+                `text_model_output` / `vision_model_output` (as CLIP). Other keyword arguments go to both
+                towers, as CLIP's do.
         """
-        image_outputs = self.encode_image(pixel_values, region_features, region_mask)
-        text_outputs = self.encode_text(input_ids, attention_mask)
+        tower_kwargs = {**kwargs, "output_hidden_states": output_hidden_states}
+        tower_kwargs["output_attentions"] = output_attentions
+        tower_kwargs = {key: value for key, value in tower_kwargs.items() if value is not None}
+        image_outputs, vision_tower = self._encode_image(
+            pixel_values, region_features, region_mask, **tower_kwargs
+        )
+        text_outputs, text_tower = self._encode_text(input_ids, attention_mask, **tower_kwargs)
         num_images, num_texts = image_outputs.tokens.shape[0], text_outputs.tokens.shape[0]
         levels = self.level_scores(image_outputs, text_outputs, max(num_images, 1), max(num_texts, 1))
         logits_per_image = (
@@ -649,6 +737,8 @@ class GranAlignModel(GranAlignPreTrainedModel):
             image_embeds=image_outputs.image_embeds,
             text_outputs=text_outputs,
             image_outputs=image_outputs,
+            text_model_output=text_tower,
+            vision_model_output=vision_tower,
         )
         use_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return output if use_dict else output.to_tuple()

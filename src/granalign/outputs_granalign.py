@@ -90,6 +90,9 @@ class GranAlignOutput(ModelOutput):
         text_embeds: `[B_txt, d]`, image_embeds: `[B_img, d]` unit global embeddings.
         text_outputs: `GranAlignTextOutput`, image_outputs: `GranAlignImageOutput` (masks, region
             attention, means, log-variances, mixture weights).
+        text_model_output, vision_model_output: the towers' own outputs, as CLIP's (`last_hidden_state`, and
+            `hidden_states` / `attentions` with `output_hidden_states` / `output_attentions`); no vision
+            output for precomputed regions.
     """
 
     loss: torch.Tensor | None = None
@@ -101,6 +104,8 @@ class GranAlignOutput(ModelOutput):
     image_embeds: torch.Tensor | None = None
     text_outputs: GranAlignTextOutput | None = None
     image_outputs: GranAlignImageOutput | None = None
+    text_model_output: ModelOutput | None = None
+    vision_model_output: ModelOutput | None = None
 
 
 def _pad_and_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
