@@ -10,6 +10,11 @@ All of them read the same cached tower outputs, so the towers run once for the w
 
     python benchmarks/real_data.py                                   # 6 variants + simple, 3 seeds
     python benchmarks/real_data.py --seeds 0 --variants full global_baseline --set train.epochs=5
+    python benchmarks/real_data.py --split-seeds 1 2 3 4 --seeds 0 --variants full global_baseline
+
+One split holds only about 300 test images, which are worth about +-13 rSum on their own: `--split-seeds`
+repeats the benchmark on other caption -> split hashes (`data.args.split_seed`), and the summary then
+also gives each variant's paired difference to full GRM, split by split, as mean +- std over splits.
 
 Prints the table (strict standard protocol, and with identical captions counted correct) and ends with
 `REAL_DATA grm_rsum=<mean> global_rsum=<mean> simple_rsum=<mean> minutes_per_run=<mean>`.
@@ -74,7 +79,9 @@ def _split_metrics(model: SimpleDualEncoder, split, states: SplitStates) -> dict
 
 
 def run_simple_baseline(recipe_path: str, seed: int, overrides: list[str], patience: int = 10) -> dict:
-    """Train the simple baseline on the recipe's cached tower outputs; return its test metrics."""
+    """Train the simple baseline on the recipe's cached tower outputs; return its test metrics.
+
+    `overrides` (recipe `--set` strings) may choose the split (`data.args.split_seed=K`)."""
     recipe = load_recipe(recipe_path, [*overrides, f"seed={seed}"])
     train_split, dev_split, test_split, _ = load_recipe_splits(recipe.data)
     processor = build_processor(recipe.model, train_split)
@@ -137,9 +144,40 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _split_means(rows: list[dict], variant: str, key: str = "rsum") -> dict[int, float]:
+    """Split seed -> the mean of `key` over the variant's training seeds on that split."""
+    by_split: dict[int, list[float]] = {}
+    for row in rows:
+        if row["variant"] == variant:
+            by_split.setdefault(row.get("split_seed", 0), []).append(row[key])
+    return {split: statistics.mean(values) for split, values in sorted(by_split.items())}
+
+
 def _mean(rows: list[dict], variant: str, key: str = "rsum") -> float:
-    values = [row[key] for row in rows if row["variant"] == variant]
-    return statistics.mean(values) if values else float("nan")
+    """Mean over splits of the per-split means (each split weighs the same, whatever its seed count)."""
+    means = list(_split_means(rows, variant, key).values())
+    return statistics.mean(means) if means else float("nan")
+
+
+def paired_differences(rows: list[dict], key: str = "rsum") -> str:
+    """Per variant, `key` minus full GRM's on the same split: mean ± std over splits, wins of full GRM."""
+    full = _split_means(rows, "full", key)
+    lines = [
+        "| variant | splits | minus full GRM, mean ± std over splits | splits where full GRM is ahead |",
+        "|---|---|---|---|",
+    ]
+    for name in [*ABLATION_VARIANTS, "simple_baseline"]:
+        other = _split_means(rows, name, key)
+        shared = sorted(set(full) & set(other))
+        if name == "full" or not shared:
+            continue
+        deltas = [other[split] - full[split] for split in shared]
+        spread = f" ± {statistics.stdev(deltas):.1f}" if len(deltas) > 1 else ""
+        wins = sum(delta < 0 for delta in deltas)
+        lines.append(
+            f"| {name} | {shared} | {statistics.mean(deltas):+.1f}{spread} | {wins} of {len(shared)} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -148,6 +186,9 @@ def main() -> None:
     )
     parser.add_argument("--recipe", default="configs/openclipart-minilm.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--split-seeds", type=int, nargs="+", default=[0], help="caption -> split hashes to repeat on"
+    )
     parser.add_argument(
         "--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS)
     )
@@ -164,18 +205,28 @@ def main() -> None:
     if args.summarise:
         rows = [row for path in args.summarise for row in json.loads(Path(path).read_text())]
         args.seeds = sorted({row["seed"] for row in rows})
-    for seed in [] if args.summarise else args.seeds:
-        if not args.no_simple:
-            rows.append(run_simple_baseline(args.recipe, seed, overrides))
-            print(json.dumps(rows[-1]), flush=True)
-        for variant in args.variants:
-            rows.append(run_variant(args.recipe, variant, seed, overrides, root))
-            print(json.dumps(rows[-1]), flush=True)
-    if not args.summarise:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "real_data.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nopenclipart test split (captions unseen in training), seeds {args.seeds}, mean ± std:")
+        args.split_seeds = sorted({row.get("split_seed", 0) for row in rows})
+    for split_seed in [] if args.summarise else args.split_seeds:
+        split_overrides = [*overrides, f"data.args.split_seed={split_seed}"]
+        split_root = root if split_seed == 0 else root / f"split{split_seed}"
+        for seed in args.seeds:
+            for name in ([] if args.no_simple else ["simple_baseline"]) + args.variants:
+                if name == "simple_baseline":
+                    row = run_simple_baseline(args.recipe, seed, split_overrides)
+                else:
+                    row = run_variant(args.recipe, name, seed, split_overrides, split_root)
+                rows.append({**row, "split_seed": split_seed})
+                print(json.dumps(rows[-1]), flush=True)
+                root.mkdir(parents=True, exist_ok=True)
+                (root / "real_data.json").write_text(json.dumps(rows, indent=2))  # kept if a later run fails
+    print(
+        f"\nopenclipart test split (captions unseen in training), split seeds {args.split_seeds}, "
+        f"seeds {args.seeds}, mean ± std over all runs:"
+    )
     print(summarise(rows))
+    if len(args.split_seeds) > 1:
+        print("\nPaired by split (test rSum):")
+        print(paired_differences(rows))
     grm_minutes = [row["wall_s"] / 60 for row in rows if row["variant"] == "full"]
     print(
         f"REAL_DATA grm_rsum={_mean(rows, 'full'):.1f} global_rsum={_mean(rows, 'global_baseline'):.1f} "
