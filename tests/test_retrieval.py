@@ -391,17 +391,16 @@ def test_encode_regions_pads_variable_region_counts():
 def test_cli_choices_match_the_library():
     import importlib
 
+    from granalign import cli_parsers
+
     # the package exports a `search` function, which shadows the submodule of the same name
-    cli_retrieval = importlib.import_module("granalign.retrieval.cli_retrieval")
     search = importlib.import_module("granalign.retrieval.search")
     shortlist = importlib.import_module("granalign.retrieval.shortlist")
 
-    assert (
-        cli_retrieval._MODES == search.MODES and cli_retrieval._DEFAULT_SHORTLIST == search.DEFAULT_SHORTLIST
-    )
-    assert cli_retrieval._DEFAULT_IMAGE_QUERY_SHORTLIST == search.DEFAULT_IMAGE_QUERY_SHORTLIST
-    assert cli_retrieval._SHORTLIST_SOURCES == shortlist.SHORTLIST_SOURCES
-    assert cli_retrieval._BACKENDS == shortlist.BACKENDS
+    assert cli_parsers.MODES == search.MODES and cli_parsers.DEFAULT_SHORTLIST == search.DEFAULT_SHORTLIST
+    assert cli_parsers.DEFAULT_IMAGE_QUERY_SHORTLIST == search.DEFAULT_IMAGE_QUERY_SHORTLIST
+    assert cli_parsers.SHORTLIST_SOURCES == shortlist.SHORTLIST_SOURCES
+    assert cli_parsers.BACKENDS == shortlist.BACKENDS
 
 
 def _cli(argv):

@@ -1,15 +1,18 @@
 """The `granalign` command line: `train | evaluate | push | index | search | explain | demo`.
 
-    granalign train configs/tiny.yaml [--set train.epochs=2 ...] [--output-dir DIR] [--resume [CKPT]]
+    granalign train configs/tiny.yaml [--set train.epochs=2 ...] [--output-dir DIR] [--resume [CKPT] | --overwrite-output-dir]
                     [--push-to-hub --hub-model-id org/name]
     granalign evaluate runs/tiny/final [--dataset builtin --dataset-arg num_test=200 ...] [--split test]
-                       [--protocol all] [--output-json metrics.json]
+                       [--protocol all] [--output-json metrics.json]   (or a Hub id, with --revision)
     granalign push runs/tiny/final --repo-id org/name
     granalign index MODEL ... / granalign search INDEX ...   (see `granalign index --help`)
     granalign explain MODEL --image IMG --text "a caption"  /  granalign demo MODEL
 
 Errors in user input (a bad recipe key, an unknown dataset or protocol, a missing file) print one line
 and exit with status 2; `--debug` shows the full traceback instead.
+
+Building the parser imports only `argparse` (`granalign.cli_parsers`), so `--help` is quick: each command
+imports torch, transformers and datasets when it runs.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
-from granalign.hub.cli_push import add_push_parser, add_train_push_arguments, run_push
-from granalign.retrieval.cli_retrieval import add_index_parser, add_search_parser, run_index, run_search
-from granalign.viz.cli_viz import add_demo_parser, add_explain_parser, run_demo, run_explain
+from granalign.cli_parsers import (
+    add_demo_parser,
+    add_explain_parser,
+    add_index_parser,
+    add_push_parser,
+    add_search_parser,
+    add_train_push_arguments,
+    lazy_runner,
+    parse_key_values,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -40,18 +48,6 @@ def _command(
     return register
 
 
-def _parse_kv(items: Sequence[str], option: str) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"{option} {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    return out
-
-
 @_command("train")
 def _train(args: argparse.Namespace) -> int:
     from granalign.hub.cli_push import push_callback_from_args
@@ -61,6 +57,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if args.overwrite_output_dir:
+        overrides.append("train.overwrite_output_dir=true")
     recipe = load_recipe(args.recipe, overrides)
     resume: bool | str = False
     if args.resume is not None:
@@ -81,35 +79,30 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from granalign.evaluation.protocols import PROTOCOLS, format_metrics_table, save_metrics_json
     from granalign.evaluation.runner import evaluate_split
-    from granalign.modeling_granalign import GranAlignModel
-    from granalign.processing_granalign import GranAlignProcessor
+    from granalign.hub.loading import load_model_and_processor, model_file
     from granalign.training.builders import get_split, load_recipe_dataset
     from granalign.training.recipe import RECIPE_FILE, DataRecipe, load_recipe
 
     if args.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {args.protocol!r}; known protocols: {sorted(PROTOCOLS)}")
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{str(model_dir)!r} is not a saved GranAlign model (no config.json)")
+    if model_file(args.model, "config.json", args.revision) is None:  # before the dataset is built
+        raise FileNotFoundError(f"{args.model!r} is not a saved GranAlign model (no config.json)")
     if args.dataset is None:  # the dataset the model was trained on, from its saved recipe
-        if not (model_dir / RECIPE_FILE).is_file():
-            raise ValueError(f"pass --dataset: {str(model_dir)!r} has no {RECIPE_FILE} to take it from")
-        data = load_recipe(model_dir / RECIPE_FILE).data
+        recipe_file = model_file(args.model, RECIPE_FILE, args.revision)
+        if recipe_file is None:
+            raise ValueError(f"pass --dataset: {args.model!r} has no {RECIPE_FILE} to take it from")
+        data = load_recipe(recipe_file).data
         if args.dataset_arg:
-            data.args.update(_parse_kv(args.dataset_arg, "--dataset-arg"))
+            data.args.update(parse_key_values(args.dataset_arg, "--dataset-arg"))
     else:
-        data = DataRecipe(source=args.dataset, args=_parse_kv(args.dataset_arg or [], "--dataset-arg"))
+        data = DataRecipe(source=args.dataset, args=parse_key_values(args.dataset_arg or [], "--dataset-arg"))
     dataset = load_recipe_dataset(data)
     split = get_split(dataset, args.split, "--split")
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GranAlignModel.from_pretrained(model_dir).to(device)
-    processor = GranAlignProcessor.from_pretrained(model_dir)
+    model, processor = load_model_and_processor(args.model, args.device, revision=args.revision)
     options = dict(
         batch_size=args.batch_size, progress=not args.no_progress, check_size=not args.no_size_check
     )
-    print(f"{model_dir} on {data.source!r} split {args.split!r}, protocol {args.protocol!r}:")
+    print(f"{args.model} on {data.source!r} split {args.split!r}, protocol {args.protocol!r}:")
     if args.shortlist is None:
         result = evaluate_split(
             model, processor, split, args.protocol, identical_captions=args.identical_captions, **options
@@ -133,7 +126,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS.update(push=run_push, index=run_index, search=run_search, explain=run_explain, demo=run_demo)
+_SUBCOMMANDS.update(
+    push=lazy_runner("granalign.hub.cli_push:run_push"),
+    index=lazy_runner("granalign.retrieval.cli_retrieval:run_index"),
+    search=lazy_runner("granalign.retrieval.cli_retrieval:run_search"),
+    explain=lazy_runner("granalign.viz.cli_viz:run_explain"),
+    demo=lazy_runner("granalign.viz.cli_viz:run_demo"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,9 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="resume from the latest checkpoint of the output dir, or from CHECKPOINT",
     )
+    train.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        help="replace another run found in the output dir (without it, or --resume, it is refused)",
+    )
 
     evaluate = commands.add_parser("evaluate", help="retrieval metrics of a saved model on a dataset split")
-    evaluate.add_argument("model_dir", help="a saved model directory (e.g. runs/tiny/final)")
+    evaluate.add_argument("model", help="a saved model directory (e.g. runs/tiny/final) or Hub id")
+    evaluate.add_argument("--revision", help="Hub revision (branch, tag or commit) of MODEL")
     evaluate.add_argument(
         "--dataset", help="'builtin' or a source for load_alignment_dataset (default: the recipe's)"
     )

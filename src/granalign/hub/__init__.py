@@ -1,8 +1,10 @@
 """Publishing GranAlign models on the Hugging Face Hub: an atomic push of a saved model directory with a
-generated model card, a training-loop hook, and the `granalign push` command-line pieces."""
+generated model card, a training-loop hook, and the `granalign push` command-line pieces; and loading the
+model a command names, a saved directory or a Hub repo id (`load_model_and_processor`)."""
 
 from .callback import HubPushCallback
 from .eval_results import EvalSource, RetrievalResult, load_eval_results, parse_eval_spec
+from .loading import load_model_and_processor, model_file
 from .model_card import (
     TEMPLATE_PATH,
     build_model_card,
@@ -33,6 +35,8 @@ __all__ = [
     "collect_model_files",
     "extract_usage_snippet",
     "load_eval_results",
+    "load_model_and_processor",
+    "model_file",
     "parse_eval_spec",
     "push_model_dir",
     "resolve_token",

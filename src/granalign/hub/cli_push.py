@@ -1,4 +1,5 @@
-"""Command-line pieces for the Hub: the `granalign push` sub-command and the `train --push-to-hub` flags.
+"""Command-line pieces for the Hub: running `granalign push` and the `train --push-to-hub` flags (their
+parsers live in the light `granalign.cli_parsers`, re-exported here).
 
 granalign push runs/tiny/final --repo-id me/granalign-tiny [--private] [--revision BRANCH]
                [--eval-json [DATASET=]FILE ...] [--token TOKEN] [--dry-run]
@@ -9,57 +10,13 @@ granalign train configs/tiny.yaml --push-to-hub --hub-model-id me/granalign-tiny
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
+from ..cli_parsers import add_push_parser, add_train_push_arguments
 from .callback import HubPushCallback
 from .eval_results import parse_eval_spec
 from .push import PushError, card_for_push, check_repo_id, collect_model_files, push_model_dir
 
 __all__ = ["add_push_parser", "add_train_push_arguments", "push_callback_from_args", "run_push"]
-
-_TOKEN_HELP = (
-    "Hub token (default: the HF_TOKEN environment variable, else the token saved by `hf auth login`)"
-)
-
-
-def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `push` sub-command to an `argparse` sub-parsers object; returns its parser."""
-    push = subparsers.add_parser(
-        "push", help="upload a saved model and its model card to the Hugging Face Hub"
-    )
-    push.add_argument("model_dir", help="a saved model directory (e.g. runs/tiny/final)")
-    push.add_argument(
-        "--repo-id", required=True, help="namespace/name of the model repo (created if missing)"
-    )
-    push.add_argument("--token", help=_TOKEN_HELP)
-    push.add_argument(
-        "--private", action="store_true", help="create the repo as private (if it does not exist)"
-    )
-    push.add_argument("--revision", help="branch to push to (created from main if missing; default main)")
-    push.add_argument("--commit-message", default="Upload GranAlign model")
-    push.add_argument(
-        "--eval-json",
-        action="append",
-        metavar="[DATASET=]FILE",
-        help="evaluation JSON for the model-index (repeatable; default: the directory's metrics.json)",
-    )
-    push.add_argument(
-        "--recipe", help="training recipe for the card (default: the directory's granalign_recipe.yaml)"
-    )
-    push.add_argument("--license", default="apache-2.0", help="license id for the card (default apache-2.0)")
-    push.add_argument(
-        "--dataset", action="append", dest="datasets", metavar="ID", help="training dataset id on the Hub"
-    )
-    push.add_argument(
-        "--base-model", action="append", dest="base_models", metavar="ID", help="pretrained tower id"
-    )
-    push.add_argument(
-        "--tag", action="append", dest="tags", metavar="TAG", help="extra card tag (repeatable)"
-    )
-    push.add_argument(
-        "--dry-run", action="store_true", help="check the directory and print the card; push nothing"
-    )
-    return push
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -89,23 +46,6 @@ def run_push(args: argparse.Namespace) -> int:
     if result.deleted:
         print(f"removed stale files: {', '.join(result.deleted)}")
     return 0
-
-
-def add_train_push_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `--push-to-hub` family of flags to the `train` sub-command's parser."""
-    hub = parser.add_argument_group("Hugging Face Hub")
-    hub.add_argument(
-        "--push-to-hub", action="store_true", help="push the final model (and card) when training ends"
-    )
-    hub.add_argument("--hub-model-id", metavar="NAMESPACE/NAME", help="the model repo to push to")
-    hub.add_argument("--hub-token", help=_TOKEN_HELP)
-    hub.add_argument("--hub-private", action="store_true", help="create the repo as private")
-    hub.add_argument("--hub-revision", metavar="BRANCH", help="branch to push to (default main)")
-    hub.add_argument(
-        "--hub-push-every-checkpoint",
-        action="store_true",
-        help="also push every model the run saves (each new best on the dev split)",
-    )
 
 
 def push_callback_from_args(args: argparse.Namespace) -> HubPushCallback | None:

@@ -1,4 +1,4 @@
-"""The `granalign index` and `granalign search` commands.
+"""The `granalign index` and `granalign search` commands (their parsers: `granalign.cli_parsers`).
 
     granalign index MODEL OUTPUT (--images PATH... | --dataset SOURCE [--split test] [--captions] |
                                   --captions-file FILE | --regions FILE) [--dtype float16] [--append]
@@ -19,103 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from granalign.cli_parsers import add_index_parser, add_search_parser
+
 __all__ = ["add_index_parser", "add_search_parser", "run_index", "run_search"]
-
-# Kept literal so building the parser imports no torch (tests check them against the modules' values).
-_MODES = ("two-stage", "exhaustive")  # search.MODES
-_DEFAULT_SHORTLIST = 20  # search.DEFAULT_SHORTLIST
-_DEFAULT_IMAGE_QUERY_SHORTLIST = 50  # search.DEFAULT_IMAGE_QUERY_SHORTLIST
-_SHORTLIST_SOURCES = ("regions", "embeddings")  # shortlist.SHORTLIST_SOURCES
-_BACKENDS = ("auto", "matmul", "faiss")  # shortlist.BACKENDS
-
-
-# ------------------------------------------------------------------------------------------ parsers
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of MODEL")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--batch-size", type=int, default=32, help="items encoded per batch")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `granalign index` to an `argparse` sub-parser collection; returns the new parser."""
-    parser = subparsers.add_parser("index", help="encode a gallery once and store its features")
-    parser.add_argument("model", help="saved model directory or Hub id")
-    parser.add_argument("output", help="index file to write, e.g. gallery.safetensors")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", nargs="+", metavar="PATH", help="image files and/or folders (recursive)")
-    source.add_argument("--dataset", help="'builtin' or a source for load_alignment_dataset")
-    source.add_argument(
-        "--captions-file", help="text file, one caption per line ('id<TAB>caption' also works)"
-    )
-    source.add_argument("--regions", help=".npy [N, R, D] or .npz with 'features' (+ 'mask' [N, R], 'ids')")
-    parser.add_argument("--split", default="test", help="dataset split (with --dataset)")
-    parser.add_argument(
-        "--dataset-arg", action="append", metavar="KEY=VALUE", help="dataset builder argument"
-    )
-    parser.add_argument(
-        "--captions", action="store_true", help="with --dataset: index its captions, not images"
-    )
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--append", action="store_true", help="add the items to an existing index")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing index")
-    _add_model_options(parser)
-    return parser
-
-
-def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `granalign search` to an `argparse` sub-parser collection; returns the new parser."""
-    parser = subparsers.add_parser("search", help="top-k of a gallery index for text or image queries")
-    parser.add_argument("index", help="an index file written by `granalign index`")
-    parser.add_argument("model", help="the model that built the index (directory or Hub id)")
-    queries = parser.add_mutually_exclusive_group(required=True)
-    queries.add_argument("--text", nargs="+", metavar="CAPTION", help="caption queries (image index)")
-    queries.add_argument("--image", nargs="+", metavar="PATH", help="image queries (caption index)")
-    queries.add_argument("--regions", help="region-feature queries, as for `granalign index --regions`")
-    parser.add_argument("-k", "--top-k", type=int, default=10)
-    parser.add_argument("--mode", default="two-stage", choices=_MODES)
-    parser.add_argument(
-        "--shortlist",
-        type=int,
-        help=f"two-stage shortlist size (default {_DEFAULT_SHORTLIST} for text queries, "
-        f"{_DEFAULT_IMAGE_QUERY_SHORTLIST} for image queries)",
-    )
-    parser.add_argument(
-        "--shortlist-by",
-        default="regions",
-        choices=_SHORTLIST_SOURCES,
-        help="first stage of two-stage search",
-    )
-    parser.add_argument("--backend", default="auto", choices=_BACKENDS, help="embedding shortlist backend")
-    parser.add_argument("--faiss-factory", default="Flat", help="FAISS index factory string, e.g. HNSW32")
-    parser.add_argument("--output-json", help="also write the results to this JSON file")
-    _add_model_options(parser)
-    return parser
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
+    from granalign.hub.loading import load_model_and_processor
 
-    from granalign.modeling_granalign import GranAlignModel
-    from granalign.processing_granalign import GranAlignProcessor
-
-    kwargs = {"revision": args.revision} if args.revision else {}
-    local = Path(args.model)
-    if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"{str(local)!r} is not a saved GranAlign model (no config.json)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GranAlignModel.from_pretrained(args.model, **kwargs).to(device).eval()
-    try:
-        processor = GranAlignProcessor.from_pretrained(args.model, **kwargs)
-    except (OSError, ValueError, TypeError):  # a region-feature model saved without a processor
-        processor = None
-    return model, processor
+    return load_model_and_processor(args.model, args.device, revision=args.revision, require_processor=False)
 
 
 def _need_processor(processor: Any, what: str) -> Any:
@@ -124,30 +39,15 @@ def _need_processor(processor: Any, what: str) -> Any:
     return processor
 
 
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
 def _load_split(args: argparse.Namespace) -> Any:
+    """The `--split` of `--dataset` built with `--dataset-arg`s, as a training recipe's data would be."""
+    from granalign.cli_parsers import parse_key_values
     from granalign.data.schema import canonical_split
+    from granalign.training.builders import load_recipe_dataset
+    from granalign.training.recipe import DataRecipe
 
-    kwargs = {}
-    for item in args.dataset_arg or []:
-        if "=" not in item:
-            raise ValueError(f"--dataset-arg {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        kwargs[key.strip()] = _parse_value(raw.strip())
-    if args.dataset == "builtin":
-        from granalign.data.synthetic import build_synthetic_scenes
-
-        dataset = build_synthetic_scenes(**kwargs)
-    else:
-        from granalign.data.loading import load_alignment_dataset
-
-        dataset = load_alignment_dataset(args.dataset, **kwargs)
+    kwargs = parse_key_values(args.dataset_arg or [], "--dataset-arg")
+    dataset = load_recipe_dataset(DataRecipe(source=args.dataset, args=kwargs))
     split = canonical_split(args.split)
     if split not in dataset:
         raise ValueError(f"--split: the dataset has no split {args.split!r}; it has {sorted(dataset)}")
