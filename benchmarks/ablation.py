@@ -29,7 +29,14 @@ def run_variant(recipe_path: str, variant: str, seed: int, overrides: list[str],
     output_dir = root / f"{variant}-seed{seed}"
     recipe = load_recipe(
         recipe_path,
-        [*overrides, *switches, f"seed={seed}", f"output_dir={output_dir}", "train.progress_bar=false"],
+        [
+            *overrides,
+            *switches,
+            f"seed={seed}",
+            f"output_dir={output_dir}",
+            "train.progress_bar=false",
+            "train.overwrite_output_dir=true",
+        ],  # a rerun replaces its own earlier run
     )
     start = time.perf_counter()
     result = train(recipe)

@@ -5,6 +5,7 @@ This module travels to the Hub with a checkpoint (``trust_remote_code``): it imp
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import AutoConfig
@@ -58,6 +59,28 @@ _CONTRASTIVE_LOSSES = ("hinge", "infonce")
 _KL_VARIANTS = ("full", "variance")
 _POOLINGS = ("token_max", "mean")
 _FEATURE_NORMS = ("none", "layernorm")
+# Every float-valued GRM field: NaN or infinity in any of them is refused.
+_FLOAT_FIELDS = (
+    "adapter_hidden_ratio",
+    "gumbel_temperature",
+    "level_weights",
+    "margin",
+    "infonce_temperature",
+    "logit_scale_max",
+    "recon_loss_weight",
+    "kl_loss_weight",
+    "entropy_loss_weight",
+    "keep_ratio_loss_weight",
+    "keep_ratio_target",
+    "global_level_weight",
+    "global_loss_weight",
+    "logvar_min",
+    "logvar_max",
+    "similarity_negative_slope",
+    "region_prompt_scale_init",
+    "region_prompt_bias_init",
+    "initializer_range",
+)
 # The towers of `GranAlignConfig()` with no arguments (as VisionTextDualEncoderConfig's defaults).
 DEFAULT_VISION_TYPE, DEFAULT_TEXT_TYPE = "vit", "bert"
 
@@ -269,6 +292,12 @@ class GranAlignConfig(PreTrainedConfig):
 
     def validate_grm(self) -> None:
         """Raise `ValueError` naming the field and value of the first invalid GRM setting."""
+        for name in _FLOAT_FIELDS:  # NaN passes every `<` / `>` check below, so it is refused first
+            values = getattr(self, name)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    kind = "finite numbers" if isinstance(values, list) else "a finite number"
+                    raise ValueError(f"{name} must be {kind}, got {values!r}")
         if self.text_config is None:
             raise ValueError(
                 "text_config is required: a dict with 'model_type' such as {'model_type': 'bert'}"

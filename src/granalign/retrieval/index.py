@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from granalign.outputs_granalign import (
@@ -49,6 +49,7 @@ _FIELDS = {
     "image": ("tokens", "token_mask", "keep_weights", "region_tokens", "image_embeds"),
     "text": ("tokens", "token_mask", "keep_weights", "text_embeds"),
 }
+_REQUIRED_META = ("ids", "model_fingerprint", "dtype")
 _OUTPUT_TYPES = {"image": GranAlignImageOutput, "text": GranAlignTextOutput}
 _CONCAT = {"image": concat_image_outputs, "text": concat_text_outputs}
 
@@ -68,14 +69,53 @@ def _modality_of(outputs: Any) -> str:
     raise ValueError(f"expected a GranAlignImageOutput or GranAlignTextOutput, got {type(outputs).__name__}")
 
 
+# Each field's expected shape, in the dimension names of `tokens [N, L, d]` (K: regions, any count).
+_SHAPES = {
+    "tokens": "NLd",
+    "token_mask": "NL",
+    "keep_weights": "NL",
+    "region_tokens": "NKd",
+    "image_embeds": "Nd",
+    "text_embeds": "Nd",
+}
+
+
+def _check_consistent(fields: dict[str, torch.Tensor], modality: str) -> None:
+    """Every field has its shape (one N, L and d for all), only finite numbers and a 0/1 token mask."""
+    sizes: dict[str, int] = {}
+    for name, value in fields.items():
+        dims = _SHAPES[name]
+        if value.dim() != len(dims):
+            raise ValueError(
+                f"the {modality} index's {name} must be [{', '.join(dims)}], got {list(value.shape)}"
+            )
+        for dim, size in zip(dims, value.shape, strict=True):
+            if sizes.setdefault(dim, size) != size:
+                raise ValueError(
+                    f"the {modality} index's tensors disagree: {name} has {dim}={size}, another field "
+                    f"{sizes[dim]} (shapes { ({k: list(v.shape) for k, v in fields.items()}) })"
+                )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = (~torch.isfinite(value)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"the {modality} index's {name} holds NaN or infinite values, at items {bad[:5]} "
+                f"({len(bad)} in all): they would rank first (or last) for every query"
+            )
+    mask = fields["token_mask"]
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"the {modality} index's token_mask must hold only 0 and 1")
+
+
 def _storable(outputs: Any, modality: str, dtype: torch.dtype) -> Any:
-    """Keep the scoring fields, on CPU, floats in `dtype` and masks as uint8."""
+    """Keep the scoring fields, on CPU, floats in `dtype` and masks as uint8, after checking them."""
     fields = {}
     for name in _FIELDS[modality]:
         value = getattr(outputs, name, None)
         if value is None:
             raise ValueError(f"the {modality} outputs lack {name!r}, which the index needs")
-        value = value.detach().cpu()
+        fields[name] = value.detach().cpu()
+    _check_consistent(fields, modality)
+    for name, value in fields.items():
         fields[name] = value.to(torch.uint8) if name == "token_mask" else value.to(dtype)
     return _OUTPUT_TYPES[modality](**fields)
 
@@ -234,6 +274,8 @@ class GalleryIndex:
         try:
             save_file(tensors, tmp, metadata=self.metadata())
             os.replace(tmp, path)
+        except (OSError, SafetensorError) as error:  # e.g. a full disk; the partial file is removed below
+            raise OSError(f"could not write the gallery index {str(path)!r}: {error}") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -245,7 +287,13 @@ class GalleryIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no gallery index at {str(path)!r}")
-        with safe_open(str(path), framework="pt") as handle:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as error:  # safetensors raises its own error type for truncated or foreign files
+            raise ValueError(
+                f"{str(path)!r} is not a readable gallery index (a safetensors file): {error}"
+            ) from None
+        with handle:
             meta = handle.metadata() or {}
             if meta.get("format") != INDEX_FORMAT:
                 raise ValueError(
@@ -257,18 +305,34 @@ class GalleryIndex:
                     f"{str(path)!r} has feature version {version}, but this granalign reads version "
                     f"{FEATURE_VERSION}: rebuild the index with `granalign index`"
                 )
-            modality = meta["modality"]
+            modality = meta.get("modality")
+            if modality not in _FIELDS:
+                raise ValueError(
+                    f"{str(path)!r}: unknown index modality {modality!r}; expected image or text"
+                )
+            missing = [
+                name for name in (*_FIELDS[modality], *_REQUIRED_META) if name not in {*handle.keys(), *meta}
+            ]
+            if missing:
+                raise ValueError(f"{str(path)!r} is a damaged gallery index: it lacks {missing}")
             fields = {name: handle.get_tensor(name) for name in _FIELDS[modality]}
-        texts = json.loads(meta["texts"]) if "texts" in meta else None
-        index = cls(
-            _OUTPUT_TYPES[modality](**fields),
-            json.loads(meta["ids"]),
-            meta["model_fingerprint"],
-            meta.get("model_revision") or None,
-            meta.get("model_name_or_path") or None,
-            texts,
-            meta["dtype"],
-        )
+        try:
+            ids = json.loads(meta["ids"])
+            texts = json.loads(meta["texts"]) if "texts" in meta else None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(path)!r}: the header's ids/texts are not valid JSON ({error})") from None
+        try:
+            index = cls(
+                _OUTPUT_TYPES[modality](**fields),
+                ids,
+                meta["model_fingerprint"],
+                meta.get("model_revision") or None,
+                meta.get("model_name_or_path") or None,
+                texts,
+                meta["dtype"],
+            )
+        except ValueError as error:
+            raise ValueError(f"{str(path)!r}: {error}") from None
         if model is not None:
             index.check_model(model)
         return index

@@ -161,13 +161,20 @@ class EmbeddingShortlist:
             vectors = np.ascontiguousarray(self.embeddings.detach().to("cpu", torch.float32).numpy())
             dataset = Dataset.from_dict({"row": np.arange(len(self), dtype=np.int64)})
             train_size = None if self.faiss_factory == "Flat" else len(self)
-            dataset.add_faiss_index_from_external_arrays(
-                vectors,
-                index_name=_INDEX_NAME,
-                string_factory=self.faiss_factory,
-                metric_type=faiss.METRIC_INNER_PRODUCT,
-                train_size=train_size,
-            )
+            try:
+                dataset.add_faiss_index_from_external_arrays(
+                    vectors,
+                    index_name=_INDEX_NAME,
+                    string_factory=self.faiss_factory,
+                    metric_type=faiss.METRIC_INNER_PRODUCT,
+                    train_size=train_size,
+                )
+            except RuntimeError as error:  # faiss reports a bad factory string from deep in C++
+                reason = str(error).rpartition(": ")[2].strip()
+                raise ValueError(
+                    f"FAISS could not build index {self.faiss_factory!r} over {len(self)} items ({reason}); "
+                    "expected a faiss index_factory string such as 'Flat', 'HNSW32' or 'IVF64,Flat'"
+                ) from None
             self._dataset = dataset
         return self._dataset
 

@@ -24,7 +24,9 @@ from typing import Any
 from granalign.training.recipe import RECIPE_FILE
 
 __all__ = [
+    "RUN_ARTIFACTS",
     "TrainerState",
+    "claim_output_dir",
     "find_latest_checkpoint",
     "load_checkpoint",
     "recover_directory",
@@ -39,6 +41,38 @@ __all__ = [
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+# What a training run writes into its output_dir (a second run must not mix its files with these).
+RUN_ARTIFACTS = (
+    CHECKPOINTS,
+    "best",
+    "final",
+    "logs",
+    "metrics.json",
+    "training_curves.png",
+    RECIPE_FILE,
+)
+
+
+def claim_output_dir(output_dir: Path, resume: bool, overwrite: bool, is_main_process: bool = True) -> None:
+    """Refuse an `output_dir` holding another run unless resuming it; with `overwrite`, remove that run.
+
+    Only the files a run writes (`RUN_ARTIFACTS`) are looked at and removed; anything else is left.
+    """
+    if resume:
+        return
+    found = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"output_dir {str(output_dir)!r} holds another run ({', '.join(found)}): pass --resume to "
+            "continue it, --overwrite-output-dir (train.overwrite_output_dir=true) to replace it, or "
+            "choose another --output-dir"
+        )
+    if is_main_process:
+        for name in found:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @dataclass
@@ -165,8 +199,27 @@ def load_checkpoint(accelerator: Any, checkpoint: str | os.PathLike[str], schedu
     accelerator.load_state(str(checkpoint))
     state = TrainerState.from_json(state_file.read_text(encoding="utf-8"))
     if state.scheduler:
-        scheduler.load_state_dict(state.scheduler)
+        restore_scheduler_position(scheduler, state.scheduler)
     return state
+
+
+def restore_scheduler_position(scheduler: Any, saved: dict[str, Any]) -> None:
+    """Resume `scheduler` (a `LambdaLR`) at the saved step, keeping the schedule it was built with.
+
+    The saved state also holds the old schedule (its total length); loading that would, after
+    `--set train.epochs=N --resume`, run the extra epochs at the old schedule's final lr (0 for cosine).
+    So only the position is restored, and every group's lr is set from the current schedule at that
+    step: the same lr as before when the recipe did not change, the recomputed one when it did.
+    """
+    # `None` for a lambda keeps the current one (LambdaLR restores only the non-None entries)
+    scheduler.load_state_dict({**saved, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    step = scheduler.last_epoch
+    lrs = [
+        base * schedule(step) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def save_model_dir(model: Any, processor: Any, recipe: Any, target: Path, extra: dict[str, Any]) -> None:

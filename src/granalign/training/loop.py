@@ -27,6 +27,7 @@ from granalign.modeling_granalign import GranAlignModel
 from granalign.training.builders import build_model, build_processor, build_train_pairs, load_recipe_splits
 from granalign.training.checkpoint import (
     TrainerState,
+    claim_output_dir,
     load_checkpoint,
     recover_directory,
     resolve_resume,
@@ -101,6 +102,8 @@ def train(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
     )
     show = t.progress_bar and accelerator.is_local_main_process
+    claim_output_dir(output_dir, bool(resume), t.overwrite_output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     set_seed(recipe.seed)
 
     train_split, dev_split, test_split, num_bad = load_recipe_splits(recipe.data)

@@ -134,6 +134,9 @@ class TrainRecipe:
     early_stopping_patience: int | None = None  # stop after this many dev evaluations without a new best
     save_total_limit: int = 1  # keep the newest N epoch/step checkpoints (resume needs 1)
     save_checkpoints: bool = True  # false: write only best/ and final/ (no resume)
+    # replace another run found in output_dir (its checkpoints, best/, final/, metrics); without it, or
+    # --resume, such a directory is refused so that two runs are never mixed (transformers' name)
+    overwrite_output_dir: bool = False
 
 
 @dataclass

@@ -170,8 +170,21 @@ def _check_data(recipe: Recipe) -> None:
     _at_least("data.num_workers", d.num_workers, 0)
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """Refuse NaN or infinity anywhere (NaN passes every range check: `margin: .nan` would train silently)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _error(f"{key} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{key}[{index}]")
+
+
 def validate_recipe(recipe: Recipe) -> Any:
     """Raise `RecipeError` for the first invalid setting of `recipe`."""
+    _check_finite(recipe.to_dict(), "")
     if not recipe.name.strip():
         raise _error("name must not be empty")
     if not recipe.output_dir.strip():
