@@ -8,7 +8,8 @@ Set the model with the `GRANALIGN_MODEL` environment variable (a Space variable)
 
 To search your own images instead of the built-in scenes, point `GRANALIGN_INDEX` at an image index that
 `granalign index` built with the same model (e.g. a file committed to the Space) and, unless its item ids
-are paths valid from the app's working directory, `GRANALIGN_IMAGE_ROOT` at the folder holding the images.
+are paths relative to the app's working directory, `GRANALIGN_IMAGE_ROOT` at the folder holding the images.
+Only files under that root are served: absolute ids, ids with `..` and symlinks leading out are refused.
 
 On a Space (where `SPACE_ID` is set) it serves on 0.0.0.0, as Spaces expect; `GRADIO_SERVER_NAME` and
 `GRADIO_SERVER_PORT` override the address.
@@ -43,7 +44,8 @@ def create_app() -> gr.Blocks:
     search = None
     index = os.environ.get(INDEX_VARIABLE, "").strip()
     if index:  # refuses an index built by another model, and missing images, before serving
-        root = os.environ.get(IMAGE_ROOT_VARIABLE, "").strip() or None
+        # a public Space serves only files under its image root (by default its own folder)
+        root = os.environ.get(IMAGE_ROOT_VARIABLE, "").strip() or os.getcwd()
         search = IndexImageSearch(model, processor, index, image_root=root)
     return build_demo(
         model, processor, search=search, gallery_size=gallery_size, title=f"GranAlign demo: {name}"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_granalign import GranAlignConfig
 from .layers_granalign import RegionPrompting, RegionUncertainty, TokenAdapter
@@ -58,17 +58,29 @@ __all__ = [
 ]
 
 LEVEL_NAMES = ("original", "key", "uncertainty")
+logger = logging.get_logger(__name__)
 
 
-def _check_rows_nonempty(mask: torch.Tensor, message: str) -> None:
-    """Raise `ValueError(message)` if a row of `mask` `[B, L]` is all zeros.
+def _require(condition: torch.Tensor, message: str) -> None:
+    """Raise `ValueError(message)` unless the boolean scalar tensor `condition` is true.
 
-    Under `torch.compile` the check is an asynchronous assert in the graph (no graph break)."""
-    has_tokens = (mask.sum(1) > 0).all()
+    Under `torch.compile` it is an asynchronous assert in the graph (no graph break; a RuntimeError)."""
     if torch.compiler.is_compiling():
-        torch._assert_async(has_tokens, message)
-    elif not bool(has_tokens):
+        torch._assert_async(condition, message)
+    elif not bool(condition):
         raise ValueError(message)
+
+
+def _check_mask(mask: torch.Tensor, shape: torch.Size, name: str, rows: str) -> None:
+    """A `[B, L]` 0/1 mask of the inputs' shape with at least one 1 per row (not weights, not all padding)."""
+    if mask.shape != shape:
+        raise ValueError(f"{name} must have shape {list(shape)} (the inputs' [B, L]), got {list(mask.shape)}")
+    _require(((mask == 0) | (mask == 1)).all(), f"{name} must hold only 0 and 1, got other values")
+    _require((mask.sum(1) > 0).all(), f"every {rows}: a row of {name} is all zeros")
+
+
+def _check_finite(values: torch.Tensor, name: str) -> None:
+    _require(torch.isfinite(values).all(), f"{name} holds NaN or infinite values (padding included)")
 
 
 _LOSS_TEXT_CHUNK = 32  # captions per chunk when the loss scores a batch
@@ -130,6 +142,19 @@ def _keep_weights(
     return adapter(tokens, token_mask)
 
 
+def _granalign_hub():
+    """`granalign.hub.pretrained` (pushes with the GranAlign model card), or None where `granalign` is not
+    installed, as when this file was loaded from the Hub with `trust_remote_code`."""
+    try:
+        from granalign.hub import pretrained
+    except ImportError as err:
+        if (getattr(err, "name", None) or "granalign").split(".")[0] != "granalign":
+            raise  # granalign is there but broken: say so rather than push a different card
+        logger.info("granalign is not installed: pushing with transformers' push_to_hub and model card")
+        return None
+    return pretrained
+
+
 def _masked_unit_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Unit global embedding `[B, d]`: weighted mean of unit tokens `[B, L, d]` with weights `[B, L]`."""
     weights = weights.to(tokens.dtype).unsqueeze(-1)
@@ -155,13 +180,29 @@ class GranAlignPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual; a model registered for remote code also maps the zero-shot pipeline's auto class."""
+        """Save as usual; a model registered for remote code also maps the zero-shot pipeline's auto class.
+        With `push_to_hub=True` and `granalign` installed, the saved directory is then pushed as
+        `granalign push` does, with the GranAlign model card (`granalign.hub.pretrained`)."""
         if getattr(self, "_auto_class", None) is not None:
             module = self.__class__.__module__.rpartition(".")[2]
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map["AutoModelForZeroShotImageClassification"] = f"{module}.{self.__class__.__name__}"
             self.config.auto_map = auto_map
+        # positional args: is_main_process, state_dict, push_to_hub, ...
+        if kwargs.get("push_to_hub") or (len(args) > 2 and args[2]):
+            hub = _granalign_hub()
+            if hub is not None:
+                return hub.save_and_push_model(self, super().save_pretrained, save_directory, *args, **kwargs)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the model to the Hub (transformers' `push_to_hub` arguments). With `granalign` installed
+        the commit is the one `granalign push` makes, with the GranAlign model card (license, pipeline
+        tag, usage snippet; `granalign.hub.pretrained.push_model_to_hub`); without it, transformers' own."""
+        hub = _granalign_hub()
+        if hub is None:
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub.push_model_to_hub(self, repo_id, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -331,12 +372,13 @@ class GranAlignModel(GranAlignPreTrainedModel):
                     f"region_features must be [B, N, {self.config.region_feature_dim}], "
                     f"got {list(region_features.shape)}"
                 )
+            _check_finite(region_features, "region_features")
             if region_mask is None:
                 region_mask = torch.ones(
                     region_features.shape[:2], dtype=torch.long, device=region_features.device
                 )
-            _check_rows_nonempty(
-                region_mask, "every image needs at least one region: a row of region_mask is all zeros"
+            _check_mask(
+                region_mask, region_features.shape[:2], "region_mask", "image needs at least one region"
             )
             return region_features, region_mask, region_mask, None
         if pixel_values is None:
@@ -345,6 +387,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
             )
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be [B, C, H, W], got {list(pixel_values.shape)}")
+        _check_finite(pixel_values, "pixel_values")
         tower_output = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
         hidden = tower_output.last_hidden_state
         if isinstance(hidden, (list, tuple)):  # timm `features_only` backbones: the deepest feature map
@@ -470,9 +513,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
             raise ValueError(f"{name} tensor, got {shape}")
         if attention_mask is None:
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        _check_rows_nonempty(
-            attention_mask, "every caption needs at least one token: a row of attention_mask is all zeros"
-        )
+        _check_mask(attention_mask, reference.shape[:2], "attention_mask", "caption needs at least one token")
         tower_output = None
         if text_hidden_states is None:
             tower_output = self.text_model(

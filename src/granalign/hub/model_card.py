@@ -201,12 +201,16 @@ def build_model_card(
     base_models: Sequence[str] | None = None,
     tags: Sequence[str] = (),
     revision: str | None = None,
+    processor_config: Mapping[str, Any] | None = None,
+    num_parameters: int | None = None,
 ) -> ModelCard:
     """Render the card of the saved model in `model_dir` as it will be pushed to `repo_id` (at `revision`).
 
     `recipe` defaults to `model_dir/granalign_recipe.yaml`; evaluation results whose dataset is not named
     default to the recipe's data source. `datasets` (training datasets on the Hub) and `base_models`
-    default to what the recipe and config say.
+    default to what the recipe and config say. `processor_config` (the saved processor's config, for the
+    caption length) defaults to `model_dir/processor_config.json`, `num_parameters` to the count in the
+    directory's safetensors headers.
     """
     directory = Path(model_dir)
     config = read_json(directory / "config.json")
@@ -221,7 +225,7 @@ def build_model_card(
         library_name="transformers",
         license=license,
         pipeline_tag=PIPELINE_TAG,
-        tags=[*DEFAULT_TAGS, *tags],
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
         datasets=list(datasets) or None,
         base_model=(bases[0] if len(bases) == 1 else bases) or None,
         metrics=["recall"] if results else None,
@@ -229,9 +233,11 @@ def build_model_card(
         eval_results=to_eval_results(results) or None,
     )
     processor_file = directory / "processor_config.json"
-    processor = read_json(processor_file) if processor_file.is_file() else {}
+    if processor_config is None:
+        processor_config = read_json(processor_file) if processor_file.is_file() else {}
+    processor = processor_config
     model_recipe = (recipe_dict or {}).get("model") or {}
-    parameters = count_safetensors_parameters(directory)
+    parameters = num_parameters if num_parameters is not None else count_safetensors_parameters(directory)
     links = ", ".join(f"[{b}](https://huggingface.co/{b})" for b in bases)
     fields = {
         "model_name": model_name,

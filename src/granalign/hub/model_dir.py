@@ -82,8 +82,9 @@ def load_recipe_dict(model_dir: str | os.PathLike[str], recipe: Any) -> dict[str
     return dict(recipe)
 
 
-def collect_model_files(model_dir: str | os.PathLike[str]) -> list[Path]:
-    """The files of `model_dir` to upload, after checking it is a complete saved GranAlign model."""
+def collect_model_files(model_dir: str | os.PathLike[str], *, require_processor: bool = True) -> list[Path]:
+    """The files of `model_dir` to upload, after checking it is a complete saved GranAlign model (with its
+    processor, unless `require_processor` is False)."""
     directory = Path(model_dir)
     if not directory.is_dir():
         raise PushError(f"model directory {str(directory)!r} does not exist")
@@ -122,7 +123,7 @@ def collect_model_files(model_dir: str | os.PathLike[str]) -> list[Path]:
     missing_code = sorted(m for m in modules if m not in names)
     if missing_code:
         raise PushError(f"{str(directory)!r}: config.json's auto_map needs {missing_code}, which are missing")
-    for required in ("processor_config.json", "tokenizer_config.json"):
+    for required in ("processor_config.json", "tokenizer_config.json") if require_processor else ():
         if required not in names:
             raise PushError(
                 f"{str(directory)!r} has no {required}: save the processor next to the model "

@@ -15,6 +15,7 @@ Authentication follows `huggingface_hub`: an explicit `token`, else `HF_TOKEN`, 
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import re
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, get_token
-from huggingface_hub.errors import RevisionNotFoundError
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, get_token
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
 
 from .eval_results import EvalSource
 from .model_card import build_model_card, validate_model_card
@@ -37,6 +38,7 @@ __all__ = [
     "card_for_push",
     "check_repo_id",
     "collect_model_files",
+    "push_directory",
     "push_model_dir",
     "resolve_token",
 ]
@@ -118,10 +120,11 @@ def push_model_dir(
     repo_id: str,
     *,
     token: str | None = None,
-    private: bool = False,
+    private: bool | None = False,
     revision: str | None = None,
     commit_message: str = "Upload GranAlign model",
     commit_description: str | None = None,
+    create_pr: bool = False,
     eval_json: EvalSource | Sequence[EvalSource] | str | os.PathLike[str] | Mapping[str, Any] | None = None,
     recipe: Any = None,
     license: str = "apache-2.0",
@@ -133,37 +136,104 @@ def push_model_dir(
     """Upload the saved model in `model_dir` with a generated model card to `repo_id` in one commit.
 
     Creates the repo (`private` applies only when it is created) and the `revision` branch (from `main`)
-    if needed. `eval_json` defaults to the directory's `metrics.json` (training summary) or
-    `dev_metrics.json`; `recipe` to its `granalign_recipe.yaml`. Returns the commit that was made.
+    if needed; with `create_pr` the commit is opened as a pull request against that branch. `eval_json`
+    defaults to the directory's `metrics.json` (training summary) or `dev_metrics.json`; `recipe` to its
+    `granalign_recipe.yaml`. Returns the commit that was made.
     """
-    check_repo_id(repo_id)
-    files = collect_model_files(model_dir)
-    token = resolve_token(token)
-    directory = Path(model_dir)
-    card = card_for_push(directory, repo_id, eval_json, recipe=recipe, license=license, datasets=datasets,
-                         base_models=base_models, tags=tags, revision=revision)  # fmt: skip
-    validate_model_card(card)
+    info, names, stale, branch = push_directory(
+        model_dir, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
+        commit_description=commit_description, create_pr=create_pr, eval_json=eval_json, recipe=recipe,
+        license=license, datasets=datasets, base_models=base_models, tags=tags, endpoint=endpoint,
+    )  # fmt: skip
+    return PushResult(repo_id, branch, info.oid, info.commit_url, names, stale)
 
-    api = HfApi(endpoint=endpoint, token=token, library_name="granalign", library_version=_version())
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    branch = revision or "main"
-    if branch != "main":
-        api.create_branch(repo_id, branch=branch, exist_ok=True)
+
+def push_directory(
+    model_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    require_processor: bool = True,
+    token: str | bool | None = None,
+    private: bool | None = False,
+    revision: str | None = None,
+    commit_message: str = "Upload GranAlign model",
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    eval_json: EvalSource | Sequence[EvalSource] | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    recipe: Any = None,
+    endpoint: str | None = None,
+    **card_kwargs: Any,
+) -> tuple[CommitInfo, tuple[str, ...], tuple[str, ...], str]:
+    """`push_model_dir` without the result wrapper: returns the `CommitInfo`, the files written, the stale
+    files deleted and the branch. With `require_processor=False` the directory may hold the model alone
+    (`model.push_to_hub`, `model.save_pretrained(..., push_to_hub=True)`): the processor files already
+    in the repo are kept, with the code files their `auto_map` names, and the card reads the caption
+    length from the repo's `processor_config.json`."""
+    check_repo_id(repo_id)
+    files = collect_model_files(model_dir, require_processor=require_processor)
+    token = resolve_token(None if isinstance(token, bool) else token)
+    directory = Path(model_dir)
+    names = [p.name for p in files]
     if recipe is not None:  # an explicit recipe replaces the directory's: the card describes it
         files = [p for p in files if p.name != RECIPE_FILE]
-    names = [p.name for p in files]
-    stale = [f for f in _remote_files(api, repo_id, branch)
-             if "/" not in f and f not in names and any(fnmatch.fnmatch(f, p) for p in MANAGED_PATTERNS)]  # fmt: skip
+        names = [p.name for p in files] + [RECIPE_FILE]
+    api = HfApi(endpoint=endpoint, token=token, library_name="granalign", library_version=_version())
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    branch = ensure_branch(api, repo_id, revision, create_pr=create_pr)
+    remote = _remote_files(api, repo_id, branch)
+    keep: set[str] = set()
+    if "processor_config.json" not in names and "processor_config.json" in remote:
+        processor_config = json.loads(read_remote_text(api, repo_id, "processor_config.json", branch) or "{}")
+        card_kwargs.setdefault("processor_config", processor_config)
+        keep = {module + ".py" for module in auto_map_modules(processor_config)}
+    card = card_for_push(directory, repo_id, eval_json, recipe=recipe, revision=revision, **card_kwargs)
+    validate_model_card(card)
+    stale = [f for f in remote if "/" not in f and f not in names and f not in keep
+             and any(fnmatch.fnmatch(f, p) for p in MANAGED_PATTERNS)]  # fmt: skip
     operations: list[Any] = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
     if recipe is not None:
         recipe_yaml = yaml.safe_dump(load_recipe_dict(directory, recipe), sort_keys=False).encode("utf-8")
         operations.append(CommitOperationAdd(path_in_repo=RECIPE_FILE, path_or_fileobj=recipe_yaml))
-        names.append(RECIPE_FILE)
     operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
     info = api.create_commit(repo_id, operations, commit_message=commit_message,
-                             commit_description=commit_description, revision=branch)  # fmt: skip
-    return PushResult(repo_id, branch, info.oid, info.commit_url, (*names, "README.md"), tuple(stale))
+                             commit_description=commit_description, revision=branch, create_pr=create_pr)  # fmt: skip
+    return info, (*names, "README.md"), tuple(stale), branch
+
+
+def ensure_branch(api: HfApi, repo_id: str, revision: str | None, *, create_pr: bool = False) -> str:
+    """The branch a push commits to (`main` by default), created from `main` when missing. A pull-request
+    ref (`refs/pr/N`) is used as it is; when opening a pull request on a repo where you cannot create the
+    branch (403), it is assumed to exist, as `transformers` does."""
+    branch = revision or "main"
+    if branch != "main" and not branch.startswith("refs/pr/"):
+        try:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        except HfHubHTTPError as err:
+            if not (create_pr and getattr(err.response, "status_code", None) == 403):
+                raise
+    return branch
+
+
+def read_remote_text(api: HfApi, repo_id: str, filename: str, revision: str) -> str | None:
+    """The text of `filename` in the repo at `revision`, or None when it (or the revision) is not there."""
+    try:
+        return Path(api.hf_hub_download(repo_id, filename, revision=revision)).read_text(encoding="utf-8")
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return None
+
+
+def auto_map_modules(config: Any) -> set[str]:
+    """The module names (`processing_granalign`, ...) the `auto_map`s anywhere in a saved config name."""
+    found: set[str] = set()
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            if key == "auto_map" and isinstance(value, Mapping):
+                refs = [r for v in value.values() for r in (v if isinstance(v, (list, tuple)) else [v])]
+                found |= {r.split("--")[-1].split(".")[0] for r in refs if isinstance(r, str)}
+            else:
+                found |= auto_map_modules(value)
+    return found
 
 
 def _version() -> str:

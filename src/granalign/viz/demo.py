@@ -39,6 +39,7 @@ FIGURE_LABELS = {
     "regions": "region prompts",
 }
 MAX_CAPTIONS = 32
+MAX_UPLOAD_SIZE = "10mb"  # largest uploaded image the server accepts (gradio's max_file_size)
 
 
 def figure_to_image(figure: Figure) -> Image.Image:
@@ -204,11 +205,17 @@ def build_demo(
 
 
 def launch_demo(
-    demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, block: bool = True, quiet: bool = False
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    block: bool = True,
+    quiet: bool = False,
+    max_upload_size: str = MAX_UPLOAD_SIZE,
 ) -> str:
     """Serve the demo on `host:port` (no share link, no server-side rendering); returns the local URL.
 
-    With `block=False` it returns at once and serves in the background (`demo.close()` stops it).
+    Uploads larger than `max_upload_size` (e.g. "10mb") are refused by the server. With `block=False`
+    it returns at once and serves in the background (`demo.close()` stops it).
     """
     _, local_url, _ = demo.launch(
         server_name=host,
@@ -218,6 +225,7 @@ def launch_demo(
         ssr_mode=False,
         quiet=quiet,
         show_error=True,
+        max_file_size=max_upload_size,
     )
     if block:
         demo.block_thread()

@@ -25,8 +25,20 @@ __all__ = ["IndexImageSearch", "resolve_image"]
 
 
 def resolve_image(item_id: str, image_root: str | os.PathLike | None = None) -> Path:
-    """The image file of an index item: its id as a path (under `image_root` if given, else as stored)."""
-    path = Path(image_root) / item_id if image_root is not None else Path(item_id)
+    """The image file of an index item: its id as a path (under `image_root` if given, else as stored).
+
+    The server shows these files, so an index cannot point it elsewhere: an id with a `..` component is
+    refused, and with `image_root` so is an absolute id or one whose file (symlinks resolved) lies
+    outside the root.
+    """
+    relative = Path(item_id)
+    if ".." in relative.parts:
+        raise ValueError(
+            f"index item id {item_id!r} contains '..'; the demo serves only the index's own images"
+        )
+    if image_root is not None and relative.is_absolute():
+        raise ValueError(f"index item id {item_id!r} is absolute; with an image root, ids are paths under it")
+    path = Path(image_root) / relative if image_root is not None else relative
     candidates = [path] + ([] if path.suffix else [path.with_name(path.name + e) for e in IMAGE_EXTENSIONS])
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
@@ -35,6 +47,8 @@ def resolve_image(item_id: str, image_root: str | os.PathLike | None = None) -> 
             f"no image file {str(path)!r} for index item {item_id!r}; {option} --image-root "
             "(GRANALIGN_IMAGE_ROOT): the folder the index's item ids are relative to"
         )
+    if image_root is not None and not found.resolve().is_relative_to(Path(image_root).resolve()):
+        raise ValueError(f"index item {item_id!r} resolves outside the image root {str(image_root)!r}")
     return found
 
 

@@ -1,0 +1,258 @@
+"""Nothing silently wrong: non-finite numbers, bad masks and damaged index files are clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_configs import image_inputs, text_inputs, tiny_config, tiny_model
+
+from granalign import GranAlignConfig
+from granalign.retrieval import GalleryIndex
+from granalign.training.recipe import RecipeError, load_recipe
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("margin", math.nan), ("kl_loss_weight", math.inf), ("level_weights", [0.4, math.nan, 0.2])],
+)
+def test_non_finite_config_values_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be (a finite number|finite numbers)"):
+        tiny_config("vit", **{field: value})
+
+
+@pytest.mark.parametrize("override", ["model.grm.margin=.nan", "optim.lr=inf", "train.grad_clip=-.inf"])
+def test_non_finite_recipe_values_are_refused_at_load(override):
+    key = override.split("=")[0]
+    with pytest.raises(RecipeError, match=f"{key} must be a finite number"):
+        load_recipe("configs/tiny.yaml", [override])
+
+
+def test_non_finite_inputs_are_refused_even_in_padding():
+    regions = image_inputs(None, batch=3)
+    regions["region_features"][2, -1, 0] = math.nan  # image 2's last region is padding
+    assert regions["region_mask"][2, -1] == 0
+    with pytest.raises(ValueError, match="region_features holds NaN or infinite values"):
+        tiny_model(None).encode_image(**regions)
+    pixels = image_inputs("vit", batch=2)["pixel_values"]
+    pixels[1, 0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="pixel_values holds NaN or infinite values"):
+        tiny_model("vit").encode_image(pixels)
+
+
+def test_masks_must_be_zero_one_and_of_the_inputs_shape():
+    model = tiny_model(None)
+    regions = image_inputs(None, batch=2)
+    weights = regions["region_mask"].float() * 0.5
+    with pytest.raises(ValueError, match="region_mask must hold only 0 and 1"):
+        model.encode_image(region_features=regions["region_features"], region_mask=weights)
+    with pytest.raises(ValueError, match=r"region_mask must have shape \[2, 6\]"):
+        model.encode_image(
+            region_features=regions["region_features"], region_mask=regions["region_mask"][:, :4]
+        )
+    captions = text_inputs(batch=2)
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+        model.encode_text(captions["input_ids"], captions["attention_mask"] * 2)
+    float_mask = regions["region_mask"].float()  # 0./1. floats are a valid mask
+    model.encode_image(region_features=regions["region_features"], region_mask=float_mask)
+
+
+def _index(modality="image"):
+    model = tiny_model(None).eval()
+    with torch.no_grad():
+        if modality == "image":
+            return model, model.encode_image(**image_inputs(None, batch=4))
+        return model, model.encode_text(**text_inputs(batch=4))
+
+
+def test_an_index_with_nan_is_refused_naming_the_items():
+    model, images = _index()
+    images.region_tokens[2, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"region_tokens holds NaN or infinite values, at items \[2\]"):
+        GalleryIndex.build(model, images, ids=list("abcd"))
+
+
+def test_damaged_index_files_are_clear_errors(tmp_path):
+    model, images = _index()
+    path = GalleryIndex.build(model, images, ids=list("abcd")).save(tmp_path / "g.safetensors")
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(b"not a safetensors file at all")
+    for bad in (truncated, foreign):
+        with pytest.raises(ValueError, match="is not a readable gallery index"):
+            GalleryIndex.load(bad)
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    cases = {
+        "modality": ({**meta, "modality": "audio"}, tensors, "unknown index modality 'audio'"),
+        "missing": (
+            meta,
+            {k: v for k, v in tensors.items() if k != "keep_weights"},
+            r"lacks \['keep_weights'\]",
+        ),
+        "ids": ({**meta, "ids": "[not json"}, tensors, "not valid JSON"),
+        "shapes": (meta, {**tensors, "keep_weights": tensors["keep_weights"][:, :3]}, "tensors disagree"),
+        "nan": (meta, {**tensors, "image_embeds": tensors["image_embeds"] * math.nan}, "NaN or infinite"),
+    }
+    for name, (header, fields, message) in cases.items():
+        edited = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in fields.items()}, str(edited), metadata=header)
+        with pytest.raises(ValueError, match=message):
+            GalleryIndex.load(edited)
+
+
+def test_default_config_round_trips_with_its_towers(tmp_path):
+    GranAlignConfig().save_pretrained(tmp_path)
+    loaded = GranAlignConfig.from_pretrained(tmp_path)
+    assert loaded.vision_config.model_type == "vit" and loaded.text_config.model_type == "bert"
+
+
+def _cosine_run(total_steps: int, steps_taken: int):
+    from granalign.training.optim import LRSchedule, build_scheduler
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([weight], lr=1.0)
+    scheduler = build_scheduler(optimizer, LRSchedule("cosine", steps_per_epoch=5, total_steps=total_steps))
+    for _ in range(steps_taken):
+        optimizer.step()
+        scheduler.step()
+    return optimizer, scheduler
+
+
+def test_resume_with_more_epochs_recomputes_the_schedule():
+    """`--set train.epochs=4 --resume` after a 2-epoch run: the extra epochs must not train at lr 0."""
+    from granalign.training.checkpoint import restore_scheduler_position
+
+    _, finished = _cosine_run(total_steps=10, steps_taken=10)
+    saved = finished.state_dict()
+    assert finished.get_last_lr()[0] == pytest.approx(0.0)  # the 2-epoch cosine ended at lr 0
+    optimizer, longer = _cosine_run(total_steps=20, steps_taken=0)
+    restore_scheduler_position(longer, saved)
+    assert longer.last_epoch == 10
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # halfway through the 4-epoch cosine
+    longer.step()
+    assert longer.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 20)))
+
+    _, midway = _cosine_run(total_steps=10, steps_taken=4)  # an unchanged recipe resumes exactly
+    optimizer, same = _cosine_run(total_steps=10, steps_taken=0)
+    restore_scheduler_position(same, midway.state_dict())
+    assert optimizer.param_groups[0]["lr"] == midway.optimizer.param_groups[0]["lr"]
+
+
+def test_training_into_another_runs_directory_is_refused_or_replaces_it(tmp_path):
+    from granalign.training.checkpoint import claim_output_dir
+    from granalign.training.loop import train
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")  # not a run's file: never touched
+    recipe = load_recipe("configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    with pytest.raises(FileExistsError, match=r"holds another run \(final, metrics.json\): pass --resume"):
+        train(recipe)  # refused before any data is loaded
+    claim_output_dir(tmp_path, resume=True, overwrite=False)  # resuming it is fine
+    assert (tmp_path / "final").is_dir()
+    claim_output_dir(tmp_path, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    claim_output_dir(tmp_path, resume=False, overwrite=False)  # now empty of runs: accepted
+
+
+def test_cli_train_refuses_another_runs_directory(tmp_path, capsys):
+    from granalign.cli import main
+
+    (tmp_path / "checkpoints").mkdir()
+    assert main(["train", "configs/tiny.yaml", "--output-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "holds another run (checkpoints)" in error and "--overwrite-output-dir" in error
+    assert "Traceback" not in error
+
+
+def test_a_failed_index_write_says_so_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import granalign.retrieval.index as index_module
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    model, images = _index()
+    index = GalleryIndex.build(model, images, ids=list("abcd"))
+    monkeypatch.setattr(index_module, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"could not write the gallery index .*No space left on device"):
+        index.save(tmp_path / "g.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_faiss_factory_is_a_clear_error():
+    pytest.importorskip("faiss")
+    from granalign.retrieval.shortlist import EmbeddingShortlist
+
+    gallery = EmbeddingShortlist(torch.nn.functional.normalize(torch.randn(20, 8), dim=-1), "NotAFactory")
+    with pytest.raises(ValueError, match=r"FAISS could not build index 'NotAFactory'.*index_factory string"):
+        gallery.topk(torch.randn(2, 8), 3, backend="faiss")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu", "unknown device 'gpu'; expected cpu, cuda"), ("cuda:7", "device 'cuda:7'")],
+)
+def test_a_device_this_machine_lacks_is_refused_before_loading(device, message):
+    from granalign.hub.loading import check_device
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    with pytest.raises(ValueError, match=message):
+        check_device(device)
+    assert check_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+def test_a_damaged_weights_file_is_a_clear_error(tmp_path, damage):
+    from granalign.hub.loading import load_model_and_processor
+
+    tiny_model(None).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        {"truncated": data[: len(data) // 2], "empty": b"", "foreign": b"<html>" * 20}[damage]
+    )
+    with pytest.raises(ValueError, match=r"its model\.safetensors is damaged or not a safetensors file"):
+        load_model_and_processor(str(tmp_path), require_processor=False)
+
+
+def test_index_refuses_unknown_dataset_args_as_train_does():
+    import argparse
+
+    from granalign.retrieval.cli_retrieval import _load_split
+
+    args = argparse.Namespace(dataset="builtin", dataset_arg=["num_tset=5"], split="test")
+    with pytest.raises(RecipeError, match=r"data.args \['num_tset'\] do not fit source 'builtin'"):
+        _load_split(args)
+
+
+def test_the_demo_serves_only_images_under_its_root(tmp_path):
+    from PIL import Image
+
+    from granalign.viz.index_search import resolve_image
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    Image.new("RGB", (4, 4)).save(root / "cat.png")
+    Image.new("RGB", (4, 4)).save(outside / "secret.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    assert resolve_image("cat", root) == root / "cat.png"
+    with pytest.raises(ValueError, match=r"contains '\.\.'"):
+        resolve_image("../outside/secret.png", root)
+    with pytest.raises(ValueError, match=r"contains '\.\.'"):
+        resolve_image("../outside/secret.png")  # no root: stored paths, but never '..'
+    with pytest.raises(ValueError, match="is absolute; with an image root"):
+        resolve_image(str(outside / "secret.png"), root)
+    with pytest.raises(ValueError, match="resolves outside the image root"):
+        resolve_image("link.png", root)
