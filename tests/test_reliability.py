@@ -256,3 +256,50 @@ def test_the_demo_serves_only_images_under_its_root(tmp_path):
         resolve_image(str(outside / "secret.png"), root)
     with pytest.raises(ValueError, match="resolves outside the image root"):
         resolve_image("link.png", root)
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    from tiny_configs import IMAGE_SIZE, tiny_tokenizer
+    from transformers import ViTImageProcessor
+
+    from granalign import GranAlignProcessor
+
+    processor = GranAlignProcessor(
+        image_processor=ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tiny_tokenizer(tmp_path),
+        max_length=16,
+    )
+    tiny_model("vit").save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_push_dry_run_loads_and_checks_what_it_would_push(saved_model, capsys):
+    import json
+
+    from granalign.cli import main
+
+    assert main(["push", str(saved_model), "--repo-id", "me/tiny", "--dry-run"]) == 0
+    capsys.readouterr()
+    weights = saved_model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert main(["push", str(saved_model), "--repo-id", "me/tiny", "--dry-run"]) == 2
+    assert "its weights are damaged or not safetensors" in capsys.readouterr().err
+    weights.write_bytes(data)
+    config = json.loads((saved_model / "config.json").read_text())
+    (saved_model / "config.json").write_text(json.dumps({**config, "embed_dim": 16}))  # another architecture
+    assert main(["push", str(saved_model), "--repo-id", "me/tiny", "--dry-run"]) == 2
+    assert "the weights do not fit its config.json" in capsys.readouterr().err
+
+
+def test_push_to_an_unreachable_endpoint_names_it(saved_model, monkeypatch):
+    import huggingface_hub
+
+    from granalign.hub.push import push_model_dir
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+
+    with pytest.raises(OSError, match=r"could not reach the Hub at http://127\.0\.0\.1:9"):
+        push_model_dir(saved_model, "me/tiny", token="hf_test", endpoint="http://127.0.0.1:9")

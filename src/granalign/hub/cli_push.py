@@ -14,6 +14,7 @@ import argparse
 from ..cli_parsers import add_push_parser, add_train_push_arguments
 from .callback import HubPushCallback
 from .eval_results import parse_eval_spec
+from .model_dir import verify_model_dir
 from .push import PushError, card_for_push, check_repo_id, collect_model_files, push_model_dir
 
 __all__ = ["add_push_parser", "add_train_push_arguments", "push_callback_from_args", "run_push"]
@@ -29,6 +30,7 @@ def run_push(args: argparse.Namespace) -> int:
 
         check_repo_id(args.repo_id)
         collect_model_files(args.model_dir)
+        verify_model_dir(args.model_dir)  # loads the weights, config and processor it would push
         print(validate_model_card(card_for_push(args.model_dir, args.repo_id, evals, revision=args.revision,
                                                 **card_kwargs)))  # fmt: skip
         return 0

@@ -130,3 +130,36 @@ def collect_model_files(model_dir: str | os.PathLike[str], *, require_processor:
                 "(processor.save_pretrained(model_dir))"
             )
     return files
+
+
+def verify_model_dir(model_dir: str | os.PathLike[str], *, require_processor: bool = True) -> None:
+    """Load what a push would publish and check it: the config validates, every weight of the model is
+    in the (uncorrupted) safetensors files and nothing else is, and the processor loads.
+
+    `collect_model_files` checks that the files exist; this catches a truncated `model.safetensors`, a
+    hand-edited config or weights saved for another architecture before anything is uploaded.
+    """
+    from safetensors import SafetensorError
+
+    from granalign.modeling_granalign import GranAlignModel
+    from granalign.processing_granalign import GranAlignProcessor
+
+    directory = str(model_dir)
+    try:
+        _, info = GranAlignModel.from_pretrained(directory, output_loading_info=True)
+    except SafetensorError as error:
+        raise PushError(f"{directory!r}: its weights are damaged or not safetensors ({error})") from None
+    except RuntimeError as error:  # transformers refuses weights of the wrong shape
+        first = str(error).strip().splitlines()[0]
+        raise PushError(f"{directory!r}: the weights do not fit its config.json ({first})") from None
+    except (OSError, ValueError) as error:
+        raise PushError(f"{directory!r} does not load as a GranAlign model: {error}") from None
+    wrong = {kind: info.get(kind) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    wrong = {kind: sorted(map(str, keys))[:5] for kind, keys in wrong.items() if keys}
+    if wrong:
+        raise PushError(f"{directory!r}: the weights do not fit its config.json: {wrong}")
+    if require_processor:
+        try:
+            GranAlignProcessor.from_pretrained(directory)
+        except (OSError, ValueError, TypeError) as error:
+            raise PushError(f"{directory!r}: its processor does not load: {error}") from None

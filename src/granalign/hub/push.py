@@ -14,6 +14,7 @@ Authentication follows `huggingface_hub`: an explicit `token`, else `HF_TOKEN`, 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -30,7 +31,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionN
 
 from .eval_results import EvalSource
 from .model_card import build_model_card, validate_model_card
-from .model_dir import RECIPE_FILE, PushError, collect_model_files, load_recipe_dict
+from .model_dir import RECIPE_FILE, PushError, collect_model_files, load_recipe_dict, verify_model_dir
 
 __all__ = [
     "PushError",
@@ -171,6 +172,7 @@ def push_directory(
     length from the repo's `processor_config.json`."""
     check_repo_id(repo_id)
     files = collect_model_files(model_dir, require_processor=require_processor)
+    verify_model_dir(model_dir, require_processor=require_processor)
     token = resolve_token(None if isinstance(token, bool) else token)
     directory = Path(model_dir)
     names = [p.name for p in files]
@@ -178,27 +180,55 @@ def push_directory(
         files = [p for p in files if p.name != RECIPE_FILE]
         names = [p.name for p in files] + [RECIPE_FILE]
     api = HfApi(endpoint=endpoint, token=token, library_name="granalign", library_version=_version())
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    branch = ensure_branch(api, repo_id, revision, create_pr=create_pr)
-    remote = _remote_files(api, repo_id, branch)
-    keep: set[str] = set()
-    if "processor_config.json" not in names and "processor_config.json" in remote:
-        processor_config = json.loads(read_remote_text(api, repo_id, "processor_config.json", branch) or "{}")
-        card_kwargs.setdefault("processor_config", processor_config)
-        keep = {module + ".py" for module in auto_map_modules(processor_config)}
-    card = card_for_push(directory, repo_id, eval_json, recipe=recipe, revision=revision, **card_kwargs)
-    validate_model_card(card)
-    stale = [f for f in remote if "/" not in f and f not in names and f not in keep
-             and any(fnmatch.fnmatch(f, p) for p in MANAGED_PATTERNS)]  # fmt: skip
-    operations: list[Any] = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
-    if recipe is not None:
-        recipe_yaml = yaml.safe_dump(load_recipe_dict(directory, recipe), sort_keys=False).encode("utf-8")
-        operations.append(CommitOperationAdd(path_in_repo=RECIPE_FILE, path_or_fileobj=recipe_yaml))
-    operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
-    info = api.create_commit(repo_id, operations, commit_message=commit_message,
-                             commit_description=commit_description, revision=branch, create_pr=create_pr)  # fmt: skip
-    return info, (*names, "README.md"), tuple(stale), branch
+    with hub_connection(api.endpoint):  # network failures name the endpoint
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        branch = ensure_branch(api, repo_id, revision, create_pr=create_pr)
+        remote = _remote_files(api, repo_id, branch)
+        keep: set[str] = set()
+        if "processor_config.json" not in names and "processor_config.json" in remote:
+            processor_config = json.loads(
+                read_remote_text(api, repo_id, "processor_config.json", branch) or "{}"
+            )
+            card_kwargs.setdefault("processor_config", processor_config)
+            keep = {module + ".py" for module in auto_map_modules(processor_config)}
+        card = card_for_push(directory, repo_id, eval_json, recipe=recipe, revision=revision, **card_kwargs)
+        validate_model_card(card)
+        stale = [f for f in remote if "/" not in f and f not in names and f not in keep
+                 and any(fnmatch.fnmatch(f, p) for p in MANAGED_PATTERNS)]  # fmt: skip
+        operations: list[Any] = [
+            CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files
+        ]
+        operations.append(
+            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8"))
+        )
+        if recipe is not None:
+            recipe_yaml = yaml.safe_dump(load_recipe_dict(directory, recipe), sort_keys=False).encode("utf-8")
+            operations.append(CommitOperationAdd(path_in_repo=RECIPE_FILE, path_or_fileobj=recipe_yaml))
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        info = api.create_commit(repo_id, operations, commit_message=commit_message,
+                                 commit_description=commit_description, revision=branch, create_pr=create_pr)  # fmt: skip
+        return info, (*names, "README.md"), tuple(stale), branch
+
+
+def hub_connection(endpoint: str) -> contextlib.AbstractContextManager:
+    """Turn a transport failure (refused connection, DNS, timeout: httpx errors, not `OSError`) into an
+    `OSError` that names the endpoint, instead of a traceback from deep inside the HTTP client."""
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except HfHubHTTPError:
+            raise  # the Hub answered: its own message is already clear
+        except Exception as error:
+            if type(error).__module__.split(".")[0] not in _TRANSPORT_MODULES:
+                raise
+            raise OSError(f"could not reach the Hub at {endpoint}: {error}") from None
+
+    return guard()
+
+
+_TRANSPORT_MODULES = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}
 
 
 def ensure_branch(api: HfApi, repo_id: str, revision: str | None, *, create_pr: bool = False) -> str:
