@@ -143,17 +143,18 @@ def test_decode_and_batch_decode_forward_to_the_tokenizer(processor):
     assert processor.decode(ids[1], skip_special_tokens=True) == "red dogs"
 
 
-def test_model_input_names(processor, region_processor):
-    assert processor.model_input_names == [
+def test_model_input_names_match_the_modality(processor, region_processor, rgb):
+    """As transformers' processors: the keys a text + image call returns (regions for region models)."""
+    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values"]
+    assert list(processor(text="a cat", images=rgb).keys()) == processor.model_input_names
+    assert region_processor.model_input_names == [
         "input_ids",
         "attention_mask",
-        "pixel_values",
         "region_features",
         "region_mask",
-        "region_boxes",
     ]
-    assert "pixel_values" not in region_processor.model_input_names
-    assert region_processor.model_input_names[:2] == ["input_ids", "attention_mask"]
+    batch = region_processor(text="a cat", regions=np.ones((2, 3)))
+    assert list(batch.keys()) == region_processor.model_input_names
 
 
 # --------------------------------------------------------------------------------------- images
@@ -172,18 +173,30 @@ def test_text_and_images_give_the_design_keys(processor, rgb):
         pytest.param(lambda a: a, id="numpy-HWC-uint8"),
         pytest.param(lambda a: Image.fromarray(a), id="PIL-RGB"),
         pytest.param(lambda a: np.ascontiguousarray(a.transpose(2, 0, 1)), id="numpy-CHW-uint8"),
-        pytest.param(lambda a: a.astype(np.float32) / 255.0, id="numpy-float-0-1"),
         pytest.param(lambda a: a.astype(np.float64), id="numpy-float-0-255"),
         pytest.param(lambda a: a.astype(np.uint16) * 257, id="numpy-uint16"),
         pytest.param(lambda a: a.astype(np.int64), id="numpy-int64"),
         pytest.param(lambda a: torch.from_numpy(a).permute(2, 0, 1).contiguous(), id="torch-CHW-uint8"),
         pytest.param(lambda a: torch.from_numpy(a), id="torch-HWC-uint8"),
-        pytest.param(lambda a: torch.from_numpy(a).permute(2, 0, 1) / 255.0, id="torch-CHW-float-0-1"),
         pytest.param(lambda a: np.dstack([a, np.full(a.shape[:2], 255, np.uint8)]), id="numpy-RGBA-opaque"),
     ],
 )
 def test_rgb_image_types_match_the_pil_reference(processor, rgb, make):
     assert torch.equal(pixels(processor, make(rgb)), pixels(processor, Image.fromarray(rgb)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda a: a.astype(np.float32) / 255.0, id="numpy-float-0-1"),
+        pytest.param(lambda a: torch.from_numpy(a).permute(2, 0, 1) / 255.0, id="torch-CHW-float-0-1"),
+    ],
+)
+def test_float_pixels_in_0_1_take_do_rescale_false(processor, rgb, make):
+    """transformers' convention: the image processor rescales by 1/255 unless told they are in [0, 1]."""
+    reference = pixels(processor, Image.fromarray(rgb))
+    assert torch.equal(processor(images=make(rgb), do_rescale=False)["pixel_values"], reference)
+    assert not torch.allclose(pixels(processor, make(rgb)), reference)  # rescaled twice
 
 
 @pytest.mark.parametrize(
@@ -210,19 +223,32 @@ def test_16bit_pil_images_are_rescaled_not_clipped(processor, gray):
     assert not torch.equal(pixels(processor, sixteen_bit), pixels(processor, clipped))
 
 
-def test_ambiguous_layouts_follow_each_librarys_convention(processor):
-    """A [3, 5, 3] array: numpy reads it channels-last (3x5 RGB), torch channels-first (5x3 RGB)."""
+def test_ambiguous_layouts_are_read_as_the_image_processor_reads_them(processor):
+    """A [3, 5, 3] array is read channels-first (a 5x3 RGB image), numpy or torch, as transformers' image
+    processors infer it; `input_data_format` says otherwise."""
     array = np.random.default_rng(5).integers(0, 256, size=(3, 5, 3), dtype=np.uint8)
-    assert torch.equal(pixels(processor, array), pixels(processor, Image.fromarray(array)))
-    channels_last = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)))
-    assert torch.equal(pixels(processor, torch.from_numpy(array)), pixels(processor, channels_last))
+    channels_first = Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)))
+    assert torch.equal(pixels(processor, array), pixels(processor, channels_first))
+    assert torch.equal(pixels(processor, torch.from_numpy(array)), pixels(processor, channels_first))
+    as_last = processor(images=array, input_data_format="channels_last")["pixel_values"]
+    assert torch.equal(as_last, pixels(processor, Image.fromarray(array)))
+    # layouts GRM converts (grayscale, alpha) follow the same rule
+    gray = array[:1]  # [1, 5, 3]: one 5x3 channel
+    assert torch.equal(pixels(processor, gray), pixels(processor, Image.fromarray(array[0]).convert("RGB")))
+    rgba = np.concatenate([array, np.full((1, 5, 3), 255, np.uint8)])  # [4, 5, 3]: RGBA channels-first
+    assert torch.equal(pixels(processor, rgba), pixels(processor, channels_first))
+    two_d = array[0]  # [H, W] -> 3 channels, whatever input_data_format says
+    expected = pixels(processor, Image.fromarray(two_d).convert("RGB"))
+    for layout in ("channels_first", "channels_last"):
+        assert torch.equal(processor(images=two_d, input_data_format=layout)["pixel_values"], expected)
 
 
 def test_half_precision_tensors_are_accepted(processor, rgb):
     reference = pixels(processor, Image.fromarray(rgb))
     for dtype in (torch.float16, torch.bfloat16):
         tensor = (torch.from_numpy(rgb).permute(2, 0, 1) / 255.0).to(dtype)
-        torch.testing.assert_close(pixels(processor, tensor), reference, atol=0.05, rtol=0)
+        half = processor(images=tensor, do_rescale=False)["pixel_values"]
+        torch.testing.assert_close(half, reference, atol=0.05, rtol=0)
 
 
 def test_bool_images_map_to_black_and_white(processor):
@@ -290,8 +316,23 @@ def test_batched_arrays_and_mixed_lists(processor, rgb, gray):
     assert torch.equal(mixed[1], mixed[2])
 
 
+def test_nested_image_lists_are_flattened(processor, rgb, gray):
+    """transformers' nested layout (one list of images per sample, possibly empty) is accepted."""
+    flat = pixels(processor, [rgb, gray, rgb[::-1].copy()])
+    assert torch.equal(pixels(processor, [[rgb], [], [gray, rgb[::-1].copy()]]), flat)
+    assert torch.equal(pixels(processor, [np.stack([rgb, np.dstack([gray] * 3)]), rgb[::-1].copy()]), flat)
+
+
 def test_images_only_call_returns_only_pixels(processor, rgb):
     assert set(processor(images=rgb).keys()) == {"pixel_values"}
+
+
+def test_image_paths_are_loaded_with_their_transparency(processor, rgb, tmp_path):
+    alpha = np.where(np.random.default_rng(6).random(rgb.shape[:2]) < 0.5, 0, 255).astype(np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha])).save(tmp_path / "picture.png")
+    expected = pixels(processor, _white_composite(rgb, alpha))
+    assert torch.equal(pixels(processor, str(tmp_path / "picture.png")), expected)
+    assert torch.equal(pixels(processor, [[str(tmp_path / "picture.png")]]), expected)
 
 
 # -------------------------------------------------------------------------------------- regions
@@ -410,7 +451,27 @@ def test_save_and_load_without_an_image_processor(region_processor, tmp_path):
 
 def test_from_pretrained_kwargs_override_the_saved_max_length(region_processor, tmp_path):
     region_processor.save_pretrained(tmp_path)
-    assert GranAlignProcessor.from_pretrained(tmp_path, max_length=7).max_length == 7
+    loaded = GranAlignProcessor.from_pretrained(tmp_path, max_length=7)
+    assert loaded.max_length == 7 and loaded(text="a cat")["input_ids"].shape == (1, 7)
+    assert loaded.tokenizer.init_kwargs.get("max_length") != 7  # the processor's setting, not the tokenizer's
+    loaded.max_length = 9
+    assert loaded(text="a cat")["input_ids"].shape == (1, 9)
+    assert json.loads(loaded.to_json_string())["max_length"] == 9
+
+
+def test_tokenizer_init_options_and_call_options_override_the_defaults(image_processor, tmp_path):
+    """transformers' order: call kwargs > the tokenizer's init kwargs > this processor's defaults."""
+    vocab_file = tmp_path / "vocab.txt"
+    vocab_file.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(vocab=str(vocab_file), padding="longest", max_length=5)
+    processor = GranAlignProcessor(image_processor, tokenizer)
+    assert processor.max_length == 5  # taken from the tokenizer when not given
+    assert processor(text=["a cat", "a dog"])["input_ids"].shape == (2, 4)
+    assert processor(text="a cat sits on the mat")["input_ids"].shape == (1, 5)
+    assert processor(text="a cat", padding="max_length", max_length=10)["input_ids"].shape == (1, 10)
+    # this processor's own max_length (given, loaded or set) wins over the tokenizer's
+    processor = GranAlignProcessor(image_processor, tokenizer, max_length=7)
+    assert processor(text="a cat sits on the mat red red")["input_ids"].shape == (1, 7)
 
 
 def test_module_imports_only_what_a_hub_checkpoint_has():
@@ -424,8 +485,27 @@ def test_module_imports_only_what_a_hub_checkpoint_has():
             assert node.level == 0 or (node.module or "").endswith("_granalign"), ast.dump(node)
             if node.level == 0:
                 imported.add((node.module or "").split(".")[0])
-    allowed = {"__future__", "collections", "os", "typing", "numpy", "PIL", "torch", "transformers"}
-    assert imported <= allowed, imported - allowed
+    allowed = {
+        "__future__",
+        "collections",
+        "os",
+        "typing",
+        "warnings",
+        "numpy",
+        "PIL",
+        "torch",
+        "transformers",
+    }
+    # granalign only lazily, in push_to_hub, which falls back to transformers' push without it
+    lazy = {
+        node.module.split(".")[0]
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef) and function.name == "push_to_hub"
+        for node in ast.walk(function)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert lazy <= {"granalign"}, lazy
+    assert imported - lazy <= allowed, imported - lazy - allowed
 
 
 _REMOTE_LOAD = textwrap.dedent(
@@ -517,15 +597,19 @@ def test_zero_sized_images_name_index_and_size(processor, rgb):
 def test_images_with_no_channel_dimension(processor):
     with pytest.raises(ValueError, match=r"image 0 has shape \(5, 6, 7\); a 3-D image needs 1, 2, 3 or 4"):
         processor(images=np.zeros((5, 6, 7), np.uint8))
-    with pytest.raises(ValueError, match=r"`images` is an array of shape \(1, 1, 4, 4, 3\)"):
+    with pytest.raises(ValueError, match=r"image 0 has shape \(1, 1, 4, 4, 3\); expected \[H, W\]"):
         processor(images=np.zeros((1, 1, 4, 4, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"image 1 has shape \(1, 4, 4, 3\)"):
-        processor(images=[np.zeros((4, 4, 3), np.uint8), np.zeros((1, 4, 4, 3), np.uint8)])
+    with pytest.raises(ValueError, match=r"image 1 has shape \(1, 4, 4, 4, 4\); expected \[H, W\]"):
+        processor(images=[np.zeros((4, 4, 3), np.uint8), [np.zeros((1, 4, 4, 4, 4), np.uint8)]])
+    with pytest.raises(ValueError, match=r"image 0 has shape \(3, 4, 5\) and 5 channels with input_data_"):
+        processor(images=np.zeros((3, 4, 5), np.uint8), input_data_format="channels_last")
 
 
 def test_normalised_or_out_of_range_pixels(processor):
-    with pytest.raises(ValueError, match=r"image 0 has float values in \[-1, 1\]"):
+    with pytest.raises(ValueError, match=r"image 0 has float values in \[-1, 1\]; expected raw pixels"):
         processor(images=np.linspace(-1, 1, 48, dtype=np.float32).reshape(4, 4, 3))
+    with pytest.raises(ValueError, match=r"image 0 has float values in \[0, 300\]"):
+        processor(images=np.linspace(0, 300, 48, dtype=np.float32).reshape(4, 4, 3))
     with pytest.raises(ValueError, match="image 0 contains NaN"):
         processor(images=np.full((4, 4, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match=r"image 0 has integer values in \[-5, 0\]"):
@@ -535,14 +619,21 @@ def test_normalised_or_out_of_range_pixels(processor):
 
 
 def test_unsupported_image_types(processor):
-    with pytest.raises(TypeError, match="image 1 is a str"):
+    # strings are paths, URLs or base64, as for every transformers processor
+    with pytest.raises(
+        ValueError, match=r"Incorrect image source.*a valid path to an image file.*Got cat\.png"
+    ):
         processor(images=[np.zeros((4, 4, 3), np.uint8), "cat.png"])
-    with pytest.raises(TypeError, match="`images` must be a PIL image"):
-        processor(images="cat.png")
+    with pytest.raises(TypeError, match="image 1 is a int; expected a PIL image, a numpy array"):
+        processor(images=[np.zeros((4, 4, 3), np.uint8), 7])
+    with pytest.raises(TypeError, match="image 0 is a dict"):
+        processor(images={"image": np.zeros((4, 4, 3), np.uint8)})
     with pytest.raises(TypeError, match="image 0 has dtype complex64"):
         processor(images=np.zeros((4, 4, 3), np.complex64))
     with pytest.raises(ValueError, match="`images` is an empty list"):
         processor(images=[])
+    with pytest.raises(ValueError, match="`images` is an empty list"):
+        processor(images=[[], []])
 
 
 def test_images_for_a_processor_without_an_image_processor(region_processor, rgb):
@@ -609,23 +700,62 @@ def test_boxes_without_regions(region_processor):
 def test_bad_call_options(processor):
     with pytest.raises(ValueError, match="padding must be True, False or one of"):
         processor(text="a cat", padding="max")
-    with pytest.raises(ValueError, match="return_tensors must be one of"):
+    with pytest.raises(ValueError, match="tf is not a valid TensorType, please select one of"):
         processor(text="a cat", return_tensors="tf")
+    with pytest.raises(ValueError, match="tf is not a valid TensorType"):
+        processor(regions=np.ones((2, 3)), return_tensors="tf")
     with pytest.raises(ValueError, match="max_length must be a positive integer, got 0"):
         processor(text="a cat", max_length=0)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'do_resize'"):
-        processor(text="a cat", do_resize=False)
+    with pytest.raises(ValueError, match="max_length must be a positive integer, got -3"):
+        processor(text="a cat", text_kwargs={"max_length": -3})
+    with pytest.raises(ValueError, match="padding must be True, False or one of"):
+        processor(text="a cat", text_kwargs={"padding": None})
+    with pytest.raises(ValueError, match="Keyword argument padding was passed two times"):
+        processor(text="a cat", padding="longest", text_kwargs={"padding": "max_length"})
+    with pytest.raises(Exception, match="Field 'paired' expected bool, got str"):
+        processor(text="a cat", paired="yes")
 
 
-def test_extra_options_reach_the_sub_processors(processor, rgb):
-    batch = processor(
-        text="a cat",
-        images=rgb,
-        text_kwargs={"add_special_tokens": False},
-        images_kwargs={"do_normalize": False},
-    )
+def test_unknown_options_are_ignored_with_a_warning(processor, caplog):
+    """transformers' convention (`_merge_kwargs`): an option no sub-processor takes is logged, not raised."""
+    transformers.logging.enable_propagation()
+    try:
+        batch = processor(text="a cat", colour_space="hsv")
+    finally:
+        transformers.logging.disable_propagation()
+    assert batch["input_ids"].shape == (1, MAX_LENGTH)
+    assert "`colour_space` is not a valid argument" in caplog.text
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_typed_options_reach_the_sub_processors(processor, rgb, nested):
+    text_options, image_options = {"add_special_tokens": False}, {"do_normalize": False, "do_resize": False}
+    if nested:
+        batch = processor(text="a cat", images=rgb, text_kwargs=text_options, images_kwargs=image_options)
+    else:
+        batch = processor(text="a cat", images=rgb, **text_options, **image_options)
     assert batch["input_ids"][0, :2].tolist() == [5, 6]
+    assert batch["pixel_values"].shape == (1, 3, 20, 24)  # not resized
     assert batch["pixel_values"].min() >= 0  # not normalised to [-1, 1]
+    rescaled = processor(images=rgb, do_rescale=False, do_normalize=False, do_resize=False)["pixel_values"]
+    assert torch.equal(rescaled[0], torch.from_numpy(rgb).permute(2, 0, 1).float())
+    sized = processor(images=rgb, size={"height": 8, "width": 16})["pixel_values"]
+    assert sized.shape == (1, 3, 8, 16)
+
+
+def test_the_calls_sentence_transformers_makes(processor, region_processor, rgb):
+    """Per-modality dicts for every modality, as `sentence_transformers.models.Transformer` passes them."""
+    options = {
+        "text_kwargs": {"padding": True, "truncation": "longest_first"},
+        "images_kwargs": {},
+        "audio_kwargs": {"padding": True},
+        "videos_kwargs": {},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+    texts = processor(text=["a cat", "the red dog sits"], **options)
+    assert texts["input_ids"].shape == (2, 6) and set(texts) == {"input_ids", "attention_mask"}
+    assert processor(images=[rgb], **options)["pixel_values"].shape == (1, 3, SIZE, SIZE)
+    assert region_processor(text="a cat", **options)["input_ids"].shape == (1, 4)
 
 
 def test_bad_constructor_arguments(image_processor, tokenizer):
@@ -633,6 +763,8 @@ def test_bad_constructor_arguments(image_processor, tokenizer):
         GranAlignProcessor(image_processor=image_processor)
     with pytest.raises(ValueError, match="max_length must be a positive integer, got True"):
         GranAlignProcessor(tokenizer=tokenizer, max_length=True)
+    with pytest.raises(TypeError, match="Unexpected keyword argument max_len"):
+        GranAlignProcessor(tokenizer=tokenizer, max_len=8)
     with pytest.raises(TypeError, match="image_processor"):
         GranAlignProcessor(image_processor=tokenizer, tokenizer=tokenizer)  # type checks still apply
 
@@ -643,5 +775,6 @@ def test_max_length_beyond_the_text_tower(image_processor, tmp_path):
     short = BertTokenizer(vocab=str(vocab_file), model_max_length=16)
     with pytest.raises(ValueError, match="max_length=32 exceeds the tokenizer's model_max_length=16"):
         GranAlignProcessor(image_processor, short, max_length=32)
+    assert GranAlignProcessor(image_processor, short).max_length == 16  # the default 32, capped
     with pytest.raises(ValueError, match="max_length=20 exceeds"):
         GranAlignProcessor(image_processor, short, max_length=8)(text="a cat", max_length=20)

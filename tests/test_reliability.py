@@ -303,3 +303,73 @@ def test_push_to_an_unreachable_endpoint_names_it(saved_model, monkeypatch):
 
     with pytest.raises(OSError, match=r"could not reach the Hub at http://127\.0\.0\.1:9"):
         push_model_dir(saved_model, "me/tiny", token="hf_test", endpoint="http://127.0.0.1:9")
+
+
+def test_one_image_loader_everywhere_16_bit_alpha_and_palette(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from granalign.processing_granalign import open_image, to_rgb_pil
+    from granalign.viz.explain import load_image
+
+    sixteen = tmp_path / "gray16.png"
+    Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(sixteen)  # 16-bit, mid-grey
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(rgba)  # fully transparent red: white
+    palette = tmp_path / "palette.png"
+    Image.new("RGB", (8, 8), (0, 0, 255)).convert("P").save(palette)
+    expected = {sixteen: (117, 117, 117), rgba: (255, 255, 255), palette: (0, 0, 255)}
+    for path, pixel in expected.items():
+        for loaded in (open_image(path), load_image(path), to_rgb_pil(str(path))):  # processor, explain
+            assert loaded.mode == "RGB" and loaded.getpixel((3, 3)) == pixel, (
+                path.name,
+                loaded.getpixel((3, 3)),
+            )
+
+
+def test_image_files_too_large_truncated_or_foreign_are_clear_errors(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from granalign.processing_granalign import MAX_IMAGE_PIXELS_VARIABLE, open_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (40, 30)).save(path)
+    monkeypatch.setenv(MAX_IMAGE_PIXELS_VARIABLE, "1000")
+    with pytest.raises(ValueError, match=r"big\.png' is 40x30 = 1200 pixels, more than the limit of 1000"):
+        open_image(path)
+    monkeypatch.setenv(MAX_IMAGE_PIXELS_VARIABLE, "2000")
+    assert open_image(path).size == (40, 30)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(path.read_bytes()[:60])
+    foreign = tmp_path / "foreign.png"
+    foreign.write_text("not an image")
+    for bad in (truncated, foreign):
+        with pytest.raises(ValueError, match=f"cannot read image file '{bad}'"):
+            open_image(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_image(tmp_path / "missing.png")
+
+
+def test_missing_or_foreign_tokenizer_files_are_an_error(saved_model, tmp_path):
+    from granalign.hub.loading import load_model_and_processor
+
+    load_model_and_processor(str(saved_model))  # complete: loads
+    for name in ("tokenizer.json", "vocab.txt"):
+        (saved_model / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="has only its 5 special tokens: its vocabulary files"):
+        load_model_and_processor(str(saved_model))
+
+
+def test_a_tokenizer_larger_than_the_text_tower_is_refused(saved_model):
+    from tiny_configs import TEXT_TOWERS, VISION_TOWERS
+
+    from granalign import GranAlignModel
+    from granalign.hub.loading import load_model_and_processor
+
+    small = {**TEXT_TOWERS["bert"], "vocab_size": 20}  # fewer embeddings than the tiny tokenizer's tokens
+    config = GranAlignConfig(
+        vision_config=VISION_TOWERS["vit"], text_config=small, embed_dim=32, num_regions=3
+    )
+    GranAlignModel(config).save_pretrained(saved_model)
+    with pytest.raises(ValueError, match="the processor files belong to another model"):
+        load_model_and_processor(str(saved_model))

@@ -2,7 +2,7 @@
 
 `common_suite()` downloads `transformers==<installed>`'s sdist with pip (PyPI is reachable), unpacks its
 `tests/test_*_common.py` files into `$GRANALIGN_CACHE/transformers-tests/<version>/` (default
-`~/.cache/granalign/...`) as the package `transformers_tests`, and imports it. The sdist lacks three helper
+`~/.cache/granalign/...`) as the package `transformers_tests`, and imports it. The sdist lacks four helper
 modules the suites import; they get minimal stand-ins that change no assertion:
 
 - `exporters/test_export.py`: `ExportTesterMixin`, the base of `ModelTesterMixin`, whose torch.export tests
@@ -10,7 +10,11 @@ modules the suites import; they get minimal stand-ins that change no assertion:
 - `generation/test_utils.py`: `GenerationTesterMixin`, only used in `isinstance` checks (an empty mixin:
   GranAlign does not generate);
 - `utils/test_configuration_utils.py`: `config_common_kwargs`, read only for configs without
-  `sub_configs` (GranAlignConfig declares them, so the empty dict is never used).
+  `sub_configs` (GranAlignConfig declares them, so the empty dict is never used);
+- the repository's `utils/fetch_hub_objects_for_ci.py` (beside the package: `test_processing_common.py`
+  puts `<root>/utils` on `sys.path`): `url_to_local_path`, which maps a test asset's URL to the copy CI
+  pre-fetched, or returns the URL; nothing is pre-fetched here, so it returns the URL (the assets are
+  read only by the chat-template tests, which skip for a processor without a chat template).
 
 Where pip cannot reach PyPI, the tests skip saying why; with `GRANALIGN_REQUIRE_COMMON_TESTS=1` (set by
 `.ci/run`) they fail instead, so CI never passes without them.
@@ -36,6 +40,12 @@ STAND_INS = {
     "exporters/test_export.py": "class ExportTesterMixin:\n    pass\n",
     "generation/test_utils.py": "class GenerationTesterMixin:\n    pass\n",
     "utils/test_configuration_utils.py": "config_common_kwargs = {}\n",
+}
+# beside the package, in the cache root (`<root>/utils` is not a package)
+ROOT_STAND_INS = {
+    "utils/fetch_hub_objects_for_ci.py": (
+        "def url_to_local_path(url, return_url_if_not_found=True):\n    return url\n"
+    ),
 }
 
 
@@ -79,6 +89,7 @@ def _obtain() -> Path:
     root = _cache_root()
     package = root / PACKAGE
     if all((package / name).is_file() for name in SUITES):
+        _write_root_stand_ins(root)
         return root
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as scratch:
@@ -90,7 +101,16 @@ def _obtain() -> Path:
 
             shutil.rmtree(package)
         staged.rename(package)
+    _write_root_stand_ins(root)
     return root
+
+
+def _write_root_stand_ins(root: Path) -> None:
+    for relpath, text in ROOT_STAND_INS.items():
+        path = root / relpath
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
 
 
 def common_suite(module: str) -> ModuleType:

@@ -1,62 +1,100 @@
-"""Processor for GranAlign: one object that turns captions and images (or precomputed region
-features) into the tensors `GranAlignModel` takes.
+"""GranAlign's processor: tokenizer + image processor (or precomputed region features), in the transformers 5
+processor convention (`processor(images=..., text=..., **kwargs)`, typed kwargs routed to both).
 
-This module travels next to a saved checkpoint (``register_for_auto_class``) and is imported with
-``trust_remote_code=True`` where ``granalign`` is not installed: it imports only numpy, PIL, torch and
-transformers.
+It travels with saved checkpoints (`register_for_auto_class`) and loads with `trust_remote_code=True` where
+`granalign` is not installed, so it imports only numpy, PIL, torch and transformers.
 
-Example:
-    >>> from transformers import AutoImageProcessor, AutoTokenizer
-    >>> processor = GranAlignProcessor(
-    ...     AutoImageProcessor.from_pretrained("google/vit-base-patch16-224-in21k"),
-    ...     AutoTokenizer.from_pretrained("bert-base-uncased"),
-    ...     max_length=32,
-    ... )
-    >>> batch = processor(text=["a dog on a mat"], images=[pil_image])
-    >>> batch["input_ids"].shape, batch["pixel_values"].shape
-    (torch.Size([1, 32]), torch.Size([1, 3, 224, 224]))
-
-    A model on precomputed region features has no vision tower; its processor has no image processor:
-
-    >>> processor = GranAlignProcessor(tokenizer=tokenizer)
-    >>> batch = processor(text=captions, regions=[feats_a, feats_b])   # [N_a, D], [N_b, D]
-    >>> batch["region_features"].shape, batch["region_mask"].shape
-    (torch.Size([2, N_max, D]), torch.Size([2, N_max]))
+    >>> processor = GranAlignProcessor(image_processor, tokenizer, max_length=32)
+    >>> processor(images=[pil_image], text=["a dog on a mat"], padding="longest")
+    # input_ids, attention_mask [1, L]; pixel_values [1, 3, H, W]
+    >>> GranAlignProcessor(tokenizer=tokenizer)(text=captions, regions=[feats_a, feats_b])  # region models
+    # input_ids, attention_mask; region_features [2, N_max, D]; region_mask [2, N_max]
 """
 
-from __future__ import annotations
-
 import os
-from collections.abc import Sequence
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import ChannelDimension, ImageInput, load_image
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-__all__ = ["GranAlignProcessor"]
+if TYPE_CHECKING:
+    from typing import Unpack
 
-_TEXT_INPUT_NAMES = ["input_ids", "attention_mask"]
-_IMAGE_INPUT_NAMES = ["pixel_values"]
-_REGION_INPUT_NAMES = ["region_features", "region_mask", "region_boxes"]
+__all__ = [
+    "MAX_IMAGE_PIXELS_VARIABLE",
+    "GranAlignProcessor",
+    "GranAlignProcessorKwargs",
+    "open_image",
+    "to_rgb_pil",
+]
 
+DEFAULT_MAX_LENGTH = 32
 _PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
-_TENSOR_TYPES = ("pt", "np", None)
-_CHANNEL_COUNTS = (1, 2, 3, 4)  # L, LA, RGB, RGBA
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _WHITE = (255, 255, 255, 255)
-
-ImageLike = Image.Image | np.ndarray | torch.Tensor
-ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
-
-
-# ----------------------------------------------------------------------------------------- text
+# Largest image (width x height) `open_image` decodes, unless this environment variable sets another limit.
+MAX_IMAGE_PIXELS_VARIABLE = "GRANALIGN_MAX_IMAGE_PIXELS"
+_DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default (about 9,500 x 9,500)
 
 
-def _caption_list(text: str | Sequence[str]) -> list[str]:
+def _max_image_pixels() -> int:
+    raw = os.environ.get(MAX_IMAGE_PIXELS_VARIABLE, "").strip()
+    if not raw:
+        return _DEFAULT_MAX_IMAGE_PIXELS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{MAX_IMAGE_PIXELS_VARIABLE} must be a positive integer (pixels), got {raw!r}")
+    return int(raw)
+
+
+def open_image(path: "str | os.PathLike[str]") -> Image.Image:
+    """The one way an image file is read (processor, `index`, `explain`, the demo): an RGB PIL image.
+
+    EXIF orientation applied; transparency composited on white; palette, CMYK, 16-bit and float modes
+    brought to 8-bit RGB (`_pil_to_rgb`). A missing, truncated or non-image file, or one larger than
+    `$GRANALIGN_MAX_IMAGE_PIXELS` (default Pillow's 89.5 Mpx), is a `ValueError`/`FileNotFoundError`
+    naming the file, checked from the header before the pixels are decoded.
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"image file {name!r} does not exist")
+    limit = _max_image_pixels()
+    try:
+        with warnings.catch_warnings(), Image.open(name) as opened:  # the limit below replaces Pillow's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = opened.size
+            if width * height > limit:
+                raise ValueError(
+                    f"image file {name!r} is {width}x{height} = {width * height} pixels, more than the limit of "
+                    f"{limit} (set {MAX_IMAGE_PIXELS_VARIABLE} to allow larger images)"
+                )
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            return _pil_to_rgb(image, 0)
+    except Image.DecompressionBombError as error:  # beyond twice Pillow's own limit: refused at open
+        raise ValueError(
+            f"image file {name!r}: {error} (set {MAX_IMAGE_PIXELS_VARIABLE} and Pillow's "
+            "Image.MAX_IMAGE_PIXELS to allow larger images)"
+        ) from None
+    except (OSError, SyntaxError) as error:  # PIL: not an image, or truncated
+        raise ValueError(f"cannot read image file {name!r}: {error}") from None
+
+
+class GranAlignProcessorKwargs(ProcessingKwargs, total=False):
+    """transformers' kwargs plus `paired`: text `i` describes image `i`, so the counts must match (off by
+    default: as in CLIP, every caption is scored against every image)."""
+
+    paired: bool
+
+
+# -------------------------------------------------------------------------------- text and regions
+
+
+def _caption_list(text: Any) -> list[str]:
     """Validate captions and return them as a list (a single string becomes a batch of one)."""
     if isinstance(text, str):
         captions = [text]
@@ -76,193 +114,16 @@ def _caption_list(text: str | Sequence[str]) -> list[str]:
     return captions
 
 
-# --------------------------------------------------------------------------------------- images
-
-
-def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """Detach a tensor to a CPU numpy array (half/bfloat16 widened to float32, which numpy can hold)."""
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
-        tensor = tensor.to(torch.float32)
-    return tensor.numpy()
-
-
-def _image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
-    """Split `images` into single images: one image, a list of images, or a 4-D `[B, ...]` batch."""
-    if isinstance(images, Image.Image):
-        return [images]
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        if images.ndim == 4:
-            return list(images)
-        if images.ndim in (2, 3):
-            return [images]
+def _check_vocabulary(tokenizer: Any, source: Any) -> None:
+    """Refuse a tokenizer that loaded without its vocabulary files (transformers then builds one of only
+    the special tokens, and every caption becomes [UNK]: the same ranking for every query)."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []))
+    if len(tokenizer) <= len(specials):
         raise ValueError(
-            f"`images` is an array of shape {tuple(images.shape)}; expected one image [H, W], [H, W, C] or "
-            "[C, H, W], or a batch [B, H, W, C] / [B, C, H, W]."
+            f"the tokenizer saved in {str(source)!r} has only its {len(tokenizer)} special tokens: its vocabulary "
+            "files (tokenizer.json, vocab.txt, ...) are missing; save the processor again "
+            "(processor.save_pretrained) or copy them from the text tower"
         )
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError("`images` is an empty list; expected at least one image.")
-        return list(images)
-    raise TypeError(
-        "`images` must be a PIL image, a numpy array, a torch tensor or a list of them, "
-        f"got {type(images).__name__}."
-    )
-
-
-def _to_uint8(array: np.ndarray, index: int) -> np.ndarray:
-    """Map pixel values to uint8: bool -> {0, 255}; 16-bit integers -> /257; floats in [0, 1] -> x255.
-
-    Floats whose maximum is at most 1.1 are read as [0, 1] (small resampling overshoot is clipped),
-    larger ones as [0, 255]. Negative values mean an already-normalised image and are rejected.
-    """
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if np.issubdtype(array.dtype, np.integer):
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high > 65535:
-            raise ValueError(
-                f"image {index} has integer values in [{low}, {high}]; "
-                "expected 8-bit [0, 255] or 16-bit [0, 65535]."
-            )
-        if array.dtype == np.uint16 or high > 255:
-            return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
-        return array.astype(np.uint8)
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError(f"image {index} contains NaN or infinite values.")
-        low, high = float(array.min()), float(array.max())
-        if low < -0.1 or high > 280.0:
-            raise ValueError(
-                f"image {index} has float values in [{low:.3g}, {high:.3g}]; expected raw pixels in "
-                "[0, 1] or [0, 255] (pass un-normalised images: the image processor normalises them)."
-            )
-        scaled = array * 255.0 if high <= 1.1 else array
-        return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
-    raise TypeError(f"image {index} has dtype {array.dtype}; expected an integer, boolean or floating dtype.")
-
-
-def _array_to_pil(array: np.ndarray, index: int, channels_first: bool) -> Image.Image:
-    """Turn a `[H, W]`, `[H, W, C]` or `[C, H, W]` array (C in 1..4) into a PIL image.
-
-    A 3-D array is read as channels-first when `channels_first` is preferred (torch tensors) and its
-    first dim is a channel count, else channels-last when its last dim is one (numpy), else the other.
-    """
-    shape = tuple(array.shape)
-    if array.ndim not in (2, 3):
-        raise ValueError(f"image {index} has shape {shape}; expected [H, W], [H, W, C] or [C, H, W].")
-    if 0 in shape:
-        raise ValueError(f"image {index} is empty: shape {shape}.")
-    if array.ndim == 3:
-        first, last = shape[0] in _CHANNEL_COUNTS, shape[-1] in _CHANNEL_COUNTS
-        if not (first or last):
-            raise ValueError(
-                f"image {index} has shape {shape}; a 3-D image needs 1, 2, 3 or 4 channels in its first "
-                "or last dim (pass a batch of grayscale images as a list or as [B, H, W, 1])."
-            )
-        if first and (channels_first or not last):
-            array = np.moveaxis(array, 0, -1)
-        if array.shape[-1] == 1:
-            array = array[..., 0]
-    return Image.fromarray(np.ascontiguousarray(_to_uint8(array, index)))
-
-
-def _pil_to_rgb(image: Image.Image, index: int) -> Image.Image:
-    """Convert any PIL mode to RGB; transparency is composited on white, 16-bit/float modes rescaled."""
-    width, height = image.size
-    if width == 0 or height == 0:
-        raise ValueError(f"image {index} is empty: size {width}x{height} (width x height).")
-    mode = image.mode
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        # PIL's own conversion clips these to 255 instead of rescaling: go through numpy.
-        return _pil_to_rgb(_array_to_pil(np.asarray(image), index, channels_first=False), index)
-    if mode == "La":
-        image = image.convert("LA")
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _to_rgb_image(image: Any, index: int) -> Image.Image:
-    """One image of any supported type, mode and layout -> an RGB uint8 PIL image."""
-    if isinstance(image, Image.Image):
-        return _pil_to_rgb(image, index)
-    if isinstance(image, torch.Tensor):
-        return _pil_to_rgb(_array_to_pil(_tensor_to_numpy(image), index, channels_first=True), index)
-    if isinstance(image, np.ndarray):
-        return _pil_to_rgb(_array_to_pil(image, index, channels_first=False), index)
-    raise TypeError(
-        f"image {index} is a {type(image).__name__}; expected a PIL image, numpy array or torch tensor."
-    )
-
-
-# -------------------------------------------------------------------------------------- regions
-
-
-def _as_float32(value: Any, label: str) -> np.ndarray:
-    """Convert a numpy array, torch tensor or nested list to a float32 numpy array."""
-    if isinstance(value, torch.Tensor):
-        return _tensor_to_numpy(value).astype(np.float32, copy=False)
-    if isinstance(value, np.ndarray):
-        if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
-            raise TypeError(f"{label} has dtype {value.dtype}; expected a numeric array.")
-        return value.astype(np.float32, copy=False)
-    if isinstance(value, (list, tuple)):
-        try:
-            return np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{label} is not a rectangular numeric array: {error}") from None
-    raise TypeError(
-        f"{label} is a {type(value).__name__}; expected a numpy array, torch tensor or nested list."
-    )
-
-
-def _region_list(value: ArrayLike, name: str) -> list[np.ndarray]:
-    """Split `value` into per-image float32 `[N, D]` arrays: one `[N, D]`, a `[B, N, D]` batch or a list."""
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        array = _as_float32(value, f"`{name}`")
-        if array.ndim == 2:
-            arrays = [array]
-        elif array.ndim == 3:
-            arrays = list(array)
-        else:
-            raise ValueError(
-                f"`{name}` has shape {tuple(array.shape)}; expected [N, D] for one image, or [B, N, D] or a "
-                "list of [N, D] arrays for a batch."
-            )
-    elif isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"`{name}` is an empty list; expected at least one [N, D] array.")
-        arrays = [_as_float32(item, f"{name}[{index}]") for index, item in enumerate(value)]
-    else:
-        raise TypeError(
-            f"`{name}` must be a numpy array, a torch tensor or a list of them, got {type(value).__name__}."
-        )
-    for index, array in enumerate(arrays):
-        if array.ndim != 2:
-            raise ValueError(f"{name}[{index}] has shape {tuple(array.shape)}; expected a 2-D array [N, D].")
-        if 0 in array.shape:
-            raise ValueError(
-                f"{name}[{index}] has shape {tuple(array.shape)}; every image needs at least one "
-                "region (N >= 1) and D >= 1."
-            )
-        if not np.isfinite(array).all():
-            raise ValueError(f"{name}[{index}] contains NaN or infinite values.")
-    return arrays
-
-
-def _pad_regions(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack `[N_i, D]` arrays into `[B, N_max, D]` (zero-padded) and a `[B, N_max]` int64 mask (1 = real)."""
-    n_max = max(array.shape[0] for array in arrays)
-    padded = np.zeros((len(arrays), n_max, arrays[0].shape[1]), dtype=np.float32)
-    mask = np.zeros((len(arrays), n_max), dtype=np.int64)
-    for row, array in enumerate(arrays):
-        padded[row, : array.shape[0]] = array
-        mask[row, : array.shape[0]] = 1
-    return padded, mask
 
 
 def _check_max_length(max_length: Any, tokenizer: Any) -> int:
@@ -277,62 +138,331 @@ def _check_max_length(max_length: Any, tokenizer: Any) -> int:
     return max_length
 
 
-# ------------------------------------------------------------------------------------ processor
+def _float_arrays(value: Any, name: str) -> list[np.ndarray]:
+    """Per-image float32 `[N, D]` arrays from one `[N, D]` array, a `[B, N, D]` batch or a list of arrays."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        if value.ndim not in (2, 3):
+            raise ValueError(
+                f"`{name}` has shape {tuple(value.shape)}; expected [N, D] for one image, or [B, N, D] or a "
+                "list of [N, D] arrays for a batch."
+            )
+        items = [value] if value.ndim == 2 else list(value)
+        labels = [f"`{name}`"] * len(items)
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"`{name}` is an empty list; expected at least one [N, D] array.")
+        items, labels = list(value), [f"{name}[{index}]" for index in range(len(value))]
+    else:
+        raise TypeError(
+            f"`{name}` must be a numpy array, a torch tensor or a list of them, got {type(value).__name__}."
+        )
+    arrays = []
+    for index, (item, label) in enumerate(zip(items, labels, strict=True)):
+        if isinstance(item, torch.Tensor):
+            item = item.detach().cpu().float().numpy()
+        if isinstance(item, np.ndarray) and not (np.issubdtype(item.dtype, np.number) or item.dtype == bool):
+            raise TypeError(f"{label} has dtype {item.dtype}; expected a numeric array.")
+        if not isinstance(item, (np.ndarray, list, tuple)):
+            raise TypeError(
+                f"{label} is a {type(item).__name__}; expected a numpy array, torch tensor or nested list."
+            )
+        try:
+            array = np.asarray(item, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{label} is not a rectangular numeric array: {error}") from None
+        shape = tuple(array.shape)
+        if array.ndim != 2:
+            raise ValueError(f"{name}[{index}] has shape {shape}; expected a 2-D array [N, D].")
+        if 0 in shape:
+            raise ValueError(
+                f"{name}[{index}] has shape {shape}; every image needs at least one region (N >= 1) and D >= 1."
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name}[{index}] contains NaN or infinite values.")
+        arrays.append(array)
+    return arrays
+
+
+def _pad_regions(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack `[N_i, D]` arrays into `[B, N_max, D]` (zero-padded) and a `[B, N_max]` int64 mask (1 = real)."""
+    n_max = max(array.shape[0] for array in arrays)
+    padded = np.zeros((len(arrays), n_max, arrays[0].shape[1]), dtype=np.float32)
+    mask = np.zeros((len(arrays), n_max), dtype=np.int64)
+    for row, array in enumerate(arrays):
+        padded[row, : array.shape[0]] = array
+        mask[row, : array.shape[0]] = 1
+    return padded, mask
+
+
+def _region_inputs(regions: Any, region_boxes: Any) -> dict[str, np.ndarray]:
+    """`region_features [B, N_max, D]`, `region_mask [B, N_max]` (+ `region_boxes [B, N_max, 4]`)."""
+    arrays = _float_arrays(regions, "regions")
+    dims = sorted({array.shape[1] for array in arrays})
+    if len(dims) > 1:
+        detail = ", ".join(f"regions[{i}]: D={array.shape[1]}" for i, array in enumerate(arrays))
+        raise ValueError(f"All region arrays must share the feature size D; got {dims} ({detail}).")
+    features, mask = _pad_regions(arrays)
+    data = {"region_features": features, "region_mask": mask}
+    if region_boxes is None:
+        return data
+    boxes = _float_arrays(region_boxes, "region_boxes")
+    if len(boxes) != len(arrays):
+        raise ValueError(
+            f"Got {len(boxes)} region_boxes arrays for {len(arrays)} region arrays; expected one per image."
+        )
+    for index, (box, feats) in enumerate(zip(boxes, arrays, strict=True)):
+        if box.shape[1] != 4:
+            raise ValueError(
+                f"region_boxes[{index}] has shape {tuple(box.shape)}; expected [N, 4] (x0, y0, x1, y1)."
+            )
+        if box.shape[0] != feats.shape[0]:
+            raise ValueError(
+                f"region_boxes[{index}] has {box.shape[0]} boxes but regions[{index}] has "
+                f"{feats.shape[0]} regions; expected one box per region."
+            )
+    data["region_boxes"] = _pad_regions(boxes)[0]
+    return data
+
+
+# ----------------------------------------------------------------------------------------- images
+# The image processor converts PIL/numpy/torch images, reads their layout, resizes, rescales and
+# normalises them. GRM only hands it each one as RGB: transparency composited on white, grayscale
+# repeated, 16-bit and boolean pixels brought to 8 bits.
+
+
+def _image_list(images: Any) -> list[Any]:
+    """Single images from one image, a (nested) list of them or a 4-D `[B, ...]` batch."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _image_list(item)]
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def _pil_to_rgb(image: Image.Image, index: int) -> Image.Image:
+    """Any PIL mode -> RGB: transparency composited on white, 16-bit/float modes rescaled to 8 bits."""
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"image {index} is empty: size {width}x{height} (width x height).")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # PIL's own conversion clips these at 255 instead of rescaling them
+        array = np.asarray(image)
+        if image.mode == "F":  # float pixels in [0, 1] or [0, 255]
+            array = np.clip(np.round(array * 255.0 if array.max() <= 1.0 else array), 0, 255).astype(np.uint8)
+        image = Image.fromarray(_to_8bit(array, index))
+    if image.mode == "La":
+        image = image.convert("LA")
+    if {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit(array: np.ndarray, index: int) -> np.ndarray:
+    """Integer pixels -> uint8 (16-bit ones divided by 257), bool -> {0, 255}; floats are checked only."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"image {index} has integer values in [{low}, {high}]; "
+                "expected 8-bit [0, 255] or 16-bit [0, 65535]."
+            )
+        if array.dtype == np.uint16 or high > 255:
+            return np.round(array / 257.0).astype(np.uint8)
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"image {index} contains NaN or infinite values.")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 255.0:
+            raise ValueError(
+                f"image {index} has float values in [{low:.3g}, {high:.3g}]; expected raw pixels in "
+                "[0, 255], or [0, 1] with do_rescale=False (the image processor normalises them)."
+            )
+        return array
+    raise TypeError(f"image {index} has dtype {array.dtype}; expected an integer, boolean or floating dtype.")
+
+
+def _channel_axis(shape: tuple[int, ...], index: int, data_format: Any) -> int:
+    """The channel axis (0 or -1) of a 3-D image: `input_data_format` if given, else inferred as the
+    image processors infer it (first dim first, channel counts 1/3/4), then 2 (grayscale + alpha)."""
+    if data_format is not None:
+        axis = 0 if ChannelDimension(data_format) == ChannelDimension.FIRST else -1
+        if shape[axis] not in (1, 2, 3, 4):
+            raise ValueError(
+                f"image {index} has shape {shape} and {shape[axis]} channels with input_data_format="
+                f"{str(data_format)!r}; expected 1, 2, 3 or 4 (L, LA, RGB, RGBA)."
+            )
+        return axis
+    for counts in ((1, 3, 4), (2,)):
+        if shape[0] in counts:
+            return 0
+        if shape[-1] in counts:
+            return -1
+    raise ValueError(
+        f"image {index} has shape {shape}; a 3-D image needs 1, 2, 3 or 4 channels in its first or last "
+        "dim (pass a batch of grayscale images as a list or as [B, H, W, 1])."
+    )
+
+
+def _array_to_rgb(array: np.ndarray, index: int, data_format: Any) -> np.ndarray:
+    """A `[H, W]`, `[H, W, C]` or `[C, H, W]` array -> 3 channels on the same axis, dtype kept (8-bit)."""
+    shape = tuple(array.shape)
+    if array.ndim not in (2, 3):
+        raise ValueError(
+            f"image {index} has shape {shape}; expected [H, W], [H, W, C] or [C, H, W] (or a list or a "
+            "[B, ...] batch of them)."
+        )
+    if 0 in shape:
+        raise ValueError(f"image {index} is empty: shape {shape}.")
+    array = _to_8bit(array, index)
+    if array.ndim == 2:  # channels first (unless told otherwise), which no layout inference misreads
+        last = data_format is not None and ChannelDimension(data_format) == ChannelDimension.LAST
+        axis, array = (-1, array[..., None]) if last else (0, array[None])
+    else:
+        axis = _channel_axis(shape, index, data_format)
+    pixels = np.moveaxis(array, axis, -1)
+    if pixels.shape[-1] in (2, 4):  # composite the alpha channel on white
+        white = 255.0 if pixels.dtype == np.uint8 or pixels[..., -1].max() > 1.0 else 1.0
+        alpha = pixels[..., -1:] / white
+        mixed = pixels[..., :-1] * alpha + white * (1.0 - alpha)
+        pixels = np.round(mixed).astype(np.uint8) if white == 255.0 else mixed.astype(pixels.dtype)
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return np.moveaxis(pixels, -1, axis)
+
+
+def _to_rgb_image(image: Any, index: int, data_format: Any) -> Image.Image | np.ndarray:
+    """One input image (PIL, numpy, torch, or a path/URL/base64 string) -> RGB PIL or 3-channel array."""
+    if isinstance(image, str):  # as transformers processors take them; files keep their transparency
+        if os.path.isfile(image):
+            return open_image(image)
+        image = load_image(image)  # a URL or base64
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image, index)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = image.float() if image.dtype in (torch.float16, torch.bfloat16) else image
+        image = image.numpy()
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image, index, data_format)
+    raise TypeError(
+        f"image {index} is a {type(image).__name__}; expected a PIL image, a numpy array, a torch tensor "
+        "or a path/URL string."
+    )
+
+
+def to_rgb_pil(image: Any, data_format: Any = None) -> Image.Image:
+    """One image (a path, PIL image, numpy array or torch tensor) as the RGB PIL image the processor sees:
+    what `explain` and the demo show and score, so they never disagree with the processor."""
+    rgb = _to_rgb_image(image, 0, data_format)
+    if isinstance(rgb, Image.Image):
+        return rgb
+    pixels = np.moveaxis(rgb, _channel_axis(rgb.shape, 0, data_format), -1)
+    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------- processor
 
 
 class GranAlignProcessor(ProcessorMixin):
-    """Image processor (optional) + tokenizer for GranAlign.
+    """Tokenizer + image processor (optional) for GranAlign.
 
     Args:
         image_processor: the vision tower's image processor (any `AutoImageProcessor`), or `None` for a
             model on precomputed region features, which has no vision tower.
         tokenizer: the text tower's tokenizer (any `AutoTokenizer`).
-        max_length: caption length `L` in tokens; captions are truncated to it and, with the default
-            `padding="max_length"`, padded to it. Saved with the processor.
-
-    Outputs (see `__call__`): `input_ids`/`attention_mask` `[B, L]` long; `pixel_values [B, 3, H, W]`
-    float; or `region_features [B, N_max, D]` float32 + `region_mask [B, N_max]` long
-    (+ `region_boxes [B, N_max, 4]`).
+        max_length: caption length `L` in tokens (truncated to it, and padded to it by the default
+            `padding="max_length"`). Defaults to the tokenizer's own `max_length` setting if it has one, else
+            32 (at most its `model_max_length`). Saved in `processor_config.json`; a call's `max_length=`
+            overrides it.
     """
 
-    def __init__(
-        self, image_processor: Any = None, tokenizer: Any = None, max_length: int = 32, **kwargs: Any
-    ):
-        # `max_length` must stay a positional-or-keyword parameter: `from_args_and_dict` only passes the
-        # saved values of those (it reads `__init__.__code__.co_varnames[:co_argcount]`).
+    valid_processor_kwargs = GranAlignProcessorKwargs
+    # Call defaults, lowest priority: the tokenizer's init kwargs and each call's kwargs override them.
+    text_kwargs = {  # noqa: RUF012 (transformers reads these class attributes)
+        "padding": "max_length",
+        "truncation": True,
+        "return_token_type_ids": False,
+        "return_tensors": "pt",
+    }
+    images_kwargs = {"return_tensors": "pt"}  # noqa: RUF012
+    paired = False
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any):
+        # `max_length` comes through **kwargs: an explicit `__init__` argument may not share a name with
+        # a call kwarg (transformers' processor convention). `to_dict`/`from_args_and_dict` keep it saved.
+        max_length = kwargs.pop("max_length", None)
         if tokenizer is None:
             raise ValueError(
                 "GranAlignProcessor needs a tokenizer (the text tower's AutoTokenizer), got None."
             )
         super().__init__(image_processor, tokenizer, **kwargs)
-        self.max_length = _check_max_length(max_length, tokenizer)
+        if max_length is None:  # the tokenizer's own max_length setting (transformers' rule), else 32
+            max_length = tokenizer.init_kwargs.get("max_length") or DEFAULT_MAX_LENGTH
+            limit = getattr(tokenizer, "model_max_length", None)
+            max_length = min(max_length, limit) if isinstance(limit, int) else max_length
+        self.max_length = max_length
+
+    @property
+    def max_length(self) -> int:
+        """The default caption length `L` (this processor's `text_kwargs["max_length"]`)."""
+        return self.text_kwargs["max_length"]
+
+    @max_length.setter
+    def max_length(self, value: int) -> None:
+        self.text_kwargs = {**type(self).text_kwargs, "max_length": _check_max_length(value, self.tokenizer)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "max_length": self.max_length}
+
+    @classmethod
+    def from_args_and_dict(cls, args: Any, processor_dict: dict[str, Any], **kwargs: Any):
+        """As ProcessorMixin's, plus the saved (or overriding) `max_length`."""
+        max_length = kwargs.pop("max_length", processor_dict.get("max_length"))
+        loaded = super().from_args_and_dict(args, processor_dict, **kwargs)
+        if max_length is not None:
+            (loaded[0] if isinstance(loaded, tuple) else loaded).max_length = max_length
+        return loaded
 
     # -- optional image processor -------------------------------------------------------------------
-    # ProcessorMixin (transformers 5.x) has no notion of an optional sub-processor: it derives the
-    # attribute list ["image_processor", "tokenizer"] from this `__init__` signature, type-checks every
-    # one (None fails), calls methods on each when saving, and loads each with its Auto class. The three
-    # overrides below let `image_processor=None` through those three places; the saved
-    # processor_config.json then holds `"image_processor": null`, which is what loading looks for.
+    # ProcessorMixin has no notion of an optional sub-processor: it derives the attribute list
+    # ["image_processor", "tokenizer"] from the `__init__` signature, type-checks every one (None fails),
+    # calls methods on each when saving, and loads each with its Auto class. These three overrides let
+    # `image_processor=None` through; processor_config.json then holds `"image_processor": null`.
 
     def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-        """Accept `image_processor=None`; every other argument is type-checked by ProcessorMixin."""
         if argument_name == "image_processor" and argument is None:
             return None
         return super().check_argument_for_proper_class(argument_name, argument)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any):
-        """Save the tokenizer files and `processor_config.json` (with the image processor's settings, or
-        `"image_processor": null` for a tokenizer-only processor) into `save_directory`."""
-        if self.image_processor is not None:
-            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        # ProcessorMixin.save_pretrained loops over `self.get_attributes()` calling methods on each
-        # sub-processor; for the duration of the save, this instance lists only its tokenizer.
-        # (`to_dict` reads the class-level list, so `"image_processor": null` is still written.)
-        self.get_attributes = lambda: ["tokenizer"]
+        # save_pretrained loops over `self.get_attributes()`: for the save, a tokenizer-only instance lists
+        # only its tokenizer (`to_dict` reads the class-level list, so `"image_processor": null` is written).
+        if self.image_processor is None:
+            self.get_attributes = lambda: ["tokenizer"]
         try:
             return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         finally:
-            del self.get_attributes
+            vars(self).pop("get_attributes", None)
+            # saving writes the `auto_map` of a registered class through this instance; a loaded processor
+            # has none, and neither does this one once saved
+            vars(self).pop("auto_map", None)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload the processor to the Hub (transformers' `push_to_hub` arguments). With `granalign` installed
+        it never writes transformers' placeholder card (`granalign.hub.pretrained.push_processor_to_hub`)."""
+        try:
+            from granalign.hub.pretrained import push_processor_to_hub
+        except ImportError as err:
+            if (getattr(err, "name", None) or "granalign").split(".")[0] != "granalign":
+                raise  # granalign is there but broken: say so rather than push a different card
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_processor_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def _get_arguments_from_pretrained(
@@ -341,69 +471,54 @@ class GranAlignProcessor(ProcessorMixin):
         processor_dict: dict | None = None,
         **kwargs: Any,
     ) -> list[Any]:
-        """Load the sub-processors; a saved `"image_processor": null` loads as `None` (tokenizer only)."""
-        if (
-            processor_dict is not None
-            and "image_processor" in processor_dict
-            and processor_dict["image_processor"] is None
-        ):
-            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
-            return [None, tokenizer]
-        return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+        kwargs.pop("max_length", None)  # this processor's setting, not the tokenizer's
+        if (processor_dict or {}).get("image_processor", "absent") is None:
+            arguments = [None, AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)]
+        else:
+            arguments = super()._get_arguments_from_pretrained(
+                pretrained_model_name_or_path, processor_dict, **kwargs
+            )
+        _check_vocabulary(arguments[-1], pretrained_model_name_or_path)
+        return arguments
 
     # -- inputs ---------------------------------------------------------------------------------------
 
     @property
     def model_input_names(self) -> list[str]:
-        """The keys `__call__` can return (pixel values only when there is an image processor)."""
-        image_names = _IMAGE_INPUT_NAMES if self.image_processor is not None else []
-        return _TEXT_INPUT_NAMES + image_names + _REGION_INPUT_NAMES
+        """What a call with text and images (pixel models) or regions (region models) returns."""
+        image_names = (
+            ["pixel_values"] if self.image_processor is not None else ["region_features", "region_mask"]
+        )
+        return ["input_ids", "attention_mask", *image_names]
 
     def __call__(
         self,
-        text: str | Sequence[str] | None = None,
-        images: ImageLike | Sequence[ImageLike] | None = None,
-        regions: ArrayLike | None = None,
-        region_boxes: ArrayLike | None = None,
-        *,
-        return_tensors: str | None = "pt",
-        padding: bool | str = "max_length",
-        truncation: bool | str = True,
-        max_length: int | None = None,
-        paired: bool = False,
-        text_kwargs: dict[str, Any] | None = None,
-        images_kwargs: dict[str, Any] | None = None,
+        images: ImageInput | None = None,
+        text: str | list[str] | None = None,
+        regions: Any = None,
+        region_boxes: Any = None,
+        **kwargs: "Unpack[GranAlignProcessorKwargs]",
     ) -> BatchFeature:
-        """Tokenize captions and preprocess images or pad region features.
+        """Tokenize captions and preprocess images, or pad precomputed region features.
 
         Args:
+            images: `B_img` images (PIL in any mode, numpy/torch `[H, W]`, `[H, W, C]` or `[C, H, W]`, paths
+                or URLs), one, a nested list or a `[B, ...]` batch. Each reaches the image processor as RGB;
+                it reads the layout (`input_data_format=` forces it) and rescales (`do_rescale=False` for
+                floats in [0, 1]).
             text: one caption or a list of `B_txt` captions (none empty).
-            images: one image or `B_img` images: PIL (any mode), numpy or torch, `[H, W]`, `[H, W, C]` or
-                `[C, H, W]` with C in 1..4, uint8/16-bit/bool/float in [0, 1] or [0, 255], or a list or a
-                4-D batch of them. Everything is converted to RGB (alpha composited on white) before
-                the image processor. numpy 3-D arrays are read channels-last when their last dim can be
-                channels, torch tensors channels-first when their first dim can.
-            regions: precomputed region features instead of `images`: one `[N, D]` array, a `[B, N, D]`
-                array or a list of `[N_i, D]` arrays (numpy/torch/nested lists); padded to `N_max`.
-            region_boxes: optional `[N_i, 4]` boxes matching `regions` one to one.
-            return_tensors: "pt" (default), "np" or None.
-            padding: "max_length" (pad to `max_length`, the default), "longest"/True (pad to the longest
-                caption, at most `max_length`), or False/"do_not_pad".
-            truncation: passed to the tokenizer (default True: cut captions at `max_length`).
-            max_length: caption length for this call; defaults to `self.max_length`.
-            paired: the texts and images/regions are pairs (text `i` describes image `i`), so their counts
-                must match. Off by default: as in CLIP, `B_txt` captions and `B_img` images may differ
-                in number when every caption is scored against every image.
-            text_kwargs: extra keyword arguments for the tokenizer.
-            images_kwargs: extra keyword arguments for the image processor.
+            regions: precomputed region features instead of images: `[N, D]`, `[B, N, D]` or a list of
+                `[N_i, D]` (numpy/torch/nested lists); `region_boxes`: their `[N_i, 4]` boxes (optional).
+            **kwargs: tokenizer and image processor kwargs, flat or in `text_kwargs=` / `images_kwargs=` /
+                `common_kwargs=` (defaults: `padding="max_length"`, `truncation=True`, this processor's
+                `max_length`, `return_tensors="pt"`); `paired=True` requires `B_txt == B_img`.
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask` `[B_txt, L]` (if `text`), `pixel_values
-            [B_img, 3, H, W]` (if `images`), `region_features [B_img, N_max, D]` float32 and `region_mask
-            [B_img, N_max]` long, 1 = real region (if `regions`), `region_boxes [B_img, N_max, 4]`
-            float32 (if `region_boxes`).
+            `BatchFeature`: `input_ids`, `attention_mask` `[B_txt, L]`; `pixel_values [B_img, 3, H, W]`; or
+            `region_features [B_img, N_max, D]` float32, `region_mask [B_img, N_max]` long (1 = real region)
+            and `region_boxes [B_img, N_max, 4]`.
         """
-        if text is None and images is None and regions is None:
+        if images is None and text is None and regions is None:
             raise ValueError(
                 "Nothing to process: pass `text`, `images` or `regions` (or text with one of the others)."
             )
@@ -416,111 +531,46 @@ class GranAlignProcessor(ProcessorMixin):
             raise ValueError(
                 "`region_boxes` was given without `regions`; boxes describe the regions' features."
             )
-        if return_tensors not in _TENSOR_TYPES:
-            raise ValueError(f"return_tensors must be one of {_TENSOR_TYPES}, got {return_tensors!r}.")
+        if images is not None and self.image_processor is None:
+            raise ValueError(
+                "This processor has no image processor: the model it belongs to takes precomputed region "
+                "features, not pixels. Pass `regions=` ([N, D] arrays) instead of `images=`."
+            )
+        # The tokenizer's init kwargs are defaults too, but `max_length` is this processor's (it took the
+        # tokenizer's when built without one): a fast tokenizer saves the truncation length it last used.
+        init_kwargs = {key: value for key, value in self.tokenizer.init_kwargs.items() if key != "max_length"}
+        merged = self._merge_kwargs(GranAlignProcessorKwargs, tokenizer_init_kwargs=init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
 
         data: dict[str, Any] = {}
-        num_texts = num_images = None
-
         if text is not None:
             captions = _caption_list(text)
-            num_texts = len(captions)
-            data.update(
-                self._tokenize(captions, return_tensors, padding, truncation, max_length, text_kwargs)
-            )
-
-        if images is not None:
-            if self.image_processor is None:
+            padding = text_kwargs.get("padding")
+            if not (isinstance(padding, bool) or padding in _PADDING_STRATEGIES):
                 raise ValueError(
-                    "This processor has no image processor: the model it belongs to takes precomputed region "
-                    "features, not pixels. Pass `regions=` ([N, D] arrays) instead of `images=`."
+                    f"padding must be True, False or one of {_PADDING_STRATEGIES}, got {padding!r}."
                 )
-            pil_images = [_to_rgb_image(image, index) for index, image in enumerate(_image_list(images))]
-            num_images = len(pil_images)
-            pixels = self.image_processor(
-                images=pil_images, return_tensors=return_tensors, **(images_kwargs or {})
-            )
-            data["pixel_values"] = pixels["pixel_values"]
-
+            if text_kwargs.get("max_length") is not None:
+                _check_max_length(text_kwargs["max_length"], self.tokenizer)
+            data.update(self.tokenizer(captions, **text_kwargs))
+        if images is not None:
+            flat = _image_list(images)
+            if not flat:
+                raise ValueError("`images` is an empty list; expected at least one image.")
+            layout = images_kwargs.get("input_data_format")
+            rgb = [_to_rgb_image(image, index, layout) for index, image in enumerate(flat)]
+            data.update(self.image_processor(rgb, **images_kwargs))
         if regions is not None:
-            region_arrays = _region_list(regions, "regions")
-            num_images = len(region_arrays)
-            dims = sorted({array.shape[1] for array in region_arrays})
-            if len(dims) > 1:
-                detail = ", ".join(
-                    f"regions[{i}]: D={array.shape[1]}" for i, array in enumerate(region_arrays)
-                )
-                raise ValueError(f"All region arrays must share the feature size D; got {dims} ({detail}).")
-            data["region_features"], data["region_mask"] = _pad_regions(region_arrays)
-            if region_boxes is not None:
-                data["region_boxes"] = self._pad_boxes(region_boxes, region_arrays)
+            data.update(_region_inputs(regions, region_boxes))
 
-        if paired:
-            if num_texts is None or num_images is None:
+        if merged.get("paired"):
+            if text is None or (images is None and regions is None):
                 raise ValueError("paired=True needs both `text` and `images` or `regions`.")
-            if num_texts != num_images:
+            num_images = len(rgb) if images is not None else len(data["region_mask"])
+            if len(captions) != num_images:
                 kind = "images" if images is not None else "region arrays"
                 raise ValueError(
-                    f"paired=True but got {num_texts} captions and {num_images} {kind}; paired inputs need "
-                    "one caption per image (pass paired=False to score every caption against every image)."
+                    f"paired=True but got {len(captions)} captions and {num_images} {kind}; paired inputs "
+                    "need one caption per image (pass paired=False to score every caption against every image)."
                 )
-
-        return BatchFeature(data, tensor_type=return_tensors)
-
-    def _tokenize(
-        self,
-        captions: list[str],
-        return_tensors: str | None,
-        padding: bool | str,
-        truncation: bool | str,
-        max_length: int | None,
-        text_kwargs: dict[str, Any] | None,
-    ) -> dict[str, Any]:
-        """Tokenize to `input_ids` and `attention_mask` `[B, L]` (no token type ids)."""
-        if isinstance(padding, str) and padding not in _PADDING_STRATEGIES:
-            raise ValueError(f"padding must be True, False or one of {_PADDING_STRATEGIES}, got {padding!r}.")
-        if not isinstance(padding, (bool, str)):
-            raise TypeError(f"padding must be a bool or a string, got {type(padding).__name__}.")
-        length = self.max_length if max_length is None else _check_max_length(max_length, self.tokenizer)
-        encoded = self.tokenizer(
-            captions,
-            padding=padding,
-            truncation=truncation,
-            max_length=length,
-            return_tensors=return_tensors,
-            return_token_type_ids=False,
-            return_attention_mask=True,
-            **(text_kwargs or {}),
-        )
-        return {name: encoded[name] for name in _TEXT_INPUT_NAMES}
-
-    @staticmethod
-    def _pad_boxes(region_boxes: ArrayLike, region_arrays: list[np.ndarray]) -> np.ndarray:
-        """Validate boxes against the regions and pad them to `[B, N_max, 4]` float32."""
-        boxes = _region_list(region_boxes, "region_boxes")
-        if len(boxes) != len(region_arrays):
-            raise ValueError(
-                f"Got {len(boxes)} region_boxes arrays for {len(region_arrays)} region arrays; "
-                "expected one per image."
-            )
-        for index, (box, feats) in enumerate(zip(boxes, region_arrays, strict=True)):
-            if box.shape[1] != 4:
-                raise ValueError(
-                    f"region_boxes[{index}] has shape {tuple(box.shape)}; expected [N, 4] (x0, y0, x1, y1)."
-                )
-            if box.shape[0] != feats.shape[0]:
-                raise ValueError(
-                    f"region_boxes[{index}] has {box.shape[0]} boxes but regions[{index}] has "
-                    f"{feats.shape[0]} regions; expected one box per region."
-                )
-        return _pad_regions(boxes)[0]
-
-    # -- decoding -------------------------------------------------------------------------------------
-
-    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
-        """Forward to the tokenizer's `batch_decode`: `[B, L]` token ids -> `B` strings."""
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args: Any, **kwargs: Any) -> str:
-        """Forward to the tokenizer's `decode`: `[L]` token ids -> a string."""
-        return self.tokenizer.decode(*args, **kwargs)
+        return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))

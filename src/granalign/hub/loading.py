@@ -136,6 +136,9 @@ def load_model_and_processor(
     device = check_device(device)  # before loading anything
     try:
         model = GranAlignModel.from_pretrained(name_or_path, **kwargs)
+    except RuntimeError as error:  # transformers refuses weights of the wrong shape for the config
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"{name_or_path!r}: its weights do not fit its config.json ({first})") from None
     except SafetensorError as error:  # truncated, empty or foreign weights file
         raise ValueError(
             f"{name_or_path!r}: its model.safetensors is damaged or not a safetensors file ({error})"
@@ -153,4 +156,10 @@ def load_model_and_processor(
             raise
         else:
             raise _hub_error(name_or_path, revision, error) from None
+    vocabulary = getattr(model.config.text_config, "vocab_size", None)
+    if processor is not None and isinstance(vocabulary, int) and len(processor.tokenizer) > vocabulary:
+        raise ValueError(
+            f"{name_or_path!r}: its tokenizer has {len(processor.tokenizer)} tokens but the text tower only "
+            f"{vocabulary} embeddings: the processor files belong to another model"
+        )
     return model.to(device).eval(), processor

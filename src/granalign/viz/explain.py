@@ -18,9 +18,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..modeling_granalign import LEVEL_NAMES, GranAlignModel
+from ..processing_granalign import open_image, to_rgb_pil
 
 __all__ = [
     "Explanation",
@@ -112,22 +113,13 @@ class Explanation:
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an `[H, W(, C)]` uint8 array; clear errors otherwise."""
+    """An RGB PIL image from a path, a PIL image or an array, converted exactly as the processor converts
+    it (`processing_granalign.open_image` / `to_rgb_pil`: modes, 16-bit, alpha on white); clear errors otherwise."""
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read image file {str(path)!r}: {error}") from None
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-    raise TypeError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
+        return open_image(image)
+    if not isinstance(image, (Image.Image, np.ndarray)):
+        raise TypeError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
+    return to_rgb_pil(image, "channels_last")
 
 
 def infer_grid_shape(num_tokens: int, height: int, width: int) -> tuple[int, int]:

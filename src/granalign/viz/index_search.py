@@ -14,8 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from ..processing_granalign import open_image
 from ..retrieval.encode import IMAGE_EXTENSIONS, encode_captions
 from ..retrieval.index import GalleryIndex
 from ..retrieval.search import DEFAULT_SHORTLIST, MODES, search
@@ -89,6 +88,5 @@ class IndexImageSearch:
             )  # fmt: skip
         hits = []
         for score, row, item in zip(result.scores[0], result.indices[0], result.ids[0], strict=True):
-            with Image.open(self.paths[int(row)]) as image:
-                hits.append(SearchHit(image.convert("RGB"), item, float(score)))
+            hits.append(SearchHit(open_image(self.paths[int(row)]), item, float(score)))
         return hits
