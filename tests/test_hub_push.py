@@ -148,8 +148,10 @@ def _get(hub: HubServer, path: str, token: str | None = None) -> int:
 # ---------------------------------------------------------------------------------------- pushing
 def test_push_uploads_weights_config_code_processor_and_card_to_a_private_repo(pushed, hub):
     outcome = _ok(pushed["private_main"])
+    # ... and the Inference Endpoints handler with its requirements
     expected = {"README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-                "tokenizer_config.json", "granalign_recipe.yaml", ".gitattributes"}  # fmt: skip
+                "tokenizer_config.json", "granalign_recipe.yaml", ".gitattributes", "handler.py",
+                "requirements.txt"}  # fmt: skip
     code = {
         f"{m}_granalign.py"
         for m in ("configuration", "modeling", "processing", "layers", "losses", "outputs", "scoring")
@@ -230,7 +232,7 @@ def test_train_cli_pushes_each_new_best_and_the_final_model_to_a_private_branch(
     assert titles[1:-1] and all(t.startswith("Training in progress: step ") for t in titles[1:-1])
     assert outcome["main_files"] == [".gitattributes"]  # everything went to the branch
     for name in ("model.safetensors", "config.json", "modeling_granalign.py", "tokenizer.json",
-                 "processor_config.json", "granalign_recipe.yaml", "README.md"):  # fmt: skip
+                 "processor_config.json", "granalign_recipe.yaml", "README.md", "handler.py", "requirements.txt"):  # fmt: skip
         assert name in outcome["files"], name
     meta = yaml.safe_load(Path(outcome["readme"]).read_text().split("---")[1])
     [entry] = meta["model-index"][0]["results"]  # the run's test metrics, from its metrics.json

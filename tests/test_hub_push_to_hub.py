@@ -27,6 +27,8 @@ ORG, TOKEN = "granalign-org", "hf_alice_write"
 PLACEHOLDER = "[More Information Needed]"
 MODEL_CODE = {f"{m}_granalign.py" for m in ("configuration", "modeling", "layers", "losses", "outputs", "scoring",
                                             "efficientnet_lite")}  # fmt: skip
+# the Inference Endpoints handler every model push carries
+ENDPOINT_FILES = {"handler.py", "requirements.txt"}
 PROCESSOR_FILES = {
     "processor_config.json",
     "tokenizer.json",
@@ -113,7 +115,7 @@ def test_model_push_to_hub_uploads_weights_code_and_our_card(clients):
     first = outcome["first"]
     assert (
         set(first["files"])
-        == {"README.md", "config.json", "model.safetensors", ".gitattributes"} | MODEL_CODE
+        == {"README.md", "config.json", "model.safetensors", ".gitattributes"} | MODEL_CODE | ENDPOINT_FILES
     )
     meta = _assert_granalign_card(first["readme"])
     assert meta["tags"].count("granalign") == 1 and "my-tag" in meta["tags"]  # merged, not duplicated
@@ -159,7 +161,7 @@ def test_push_to_hub_honours_revision_max_shard_size_and_private(clients, saved)
     assert main["files"] == [".gitattributes"]  # everything went to the branch, created from main
     assert "model.safetensors.index.json" in dev["files"] and "model.safetensors" not in dev["files"]
     assert sum(f.startswith("model-0") for f in dev["files"]) >= 2
-    assert set(dev["files"]) >= MODEL_CODE
+    assert set(dev["files"]) >= MODEL_CODE | ENDPOINT_FILES
     _assert_granalign_card(dev["readme"])
     assert "revision='dev'" in dev["readme"]
     assert outcome["private"] is True
@@ -182,7 +184,9 @@ def test_save_pretrained_with_push_to_hub_writes_our_card(clients):
     outcome = _ok(clients[0]["save_with_push"])
     state = outcome["state"]
     assert state["titles"] == ["saved and pushed", "initial commit"]
-    assert {"config.json", "model.safetensors", "modeling_granalign.py"} <= set(state["files"])
+    assert {"config.json", "model.safetensors", "modeling_granalign.py"} | ENDPOINT_FILES <= set(
+        state["files"]
+    )
     _assert_granalign_card(state["readme"])
     assert (
         "README.md" not in outcome["local"] and "model.safetensors" in outcome["local"]

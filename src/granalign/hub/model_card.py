@@ -2,9 +2,11 @@
 shipped in `granalign/hub/templates/`.
 
 The YAML metadata carries `library_name: transformers`, the license, tags, datasets, `pipeline_tag:
-zero-shot-image-classification`, the towers' `base_model` where they are Hub ids, and a `model-index` with
-R@1/5/10 both ways and rSum per dataset and protocol. The body has a usage snippet that runs as written
-against the pushed repo, the training recipe, the method, honest limitations and the BibTeX citation.
+zero-shot-image-classification`, `widget:` examples in the payloads the repo's Inference Endpoints handler
+accepts (an image with candidate labels; a caption), the towers' `base_model` where they are Hub ids, and
+a `model-index` with R@1/5/10 both ways and rSum per dataset and protocol. The body has a usage snippet
+that runs as written against the pushed repo, the endpoint's payloads with an HTTP snippet that runs
+against a deployed endpoint, the training recipe, the method, honest limitations and the BibTeX citation.
 
 Example:
     >>> card = build_model_card("runs/tiny/final", "me/granalign-tiny", eval_results="metrics.json")
@@ -33,9 +35,12 @@ from .eval_results import (
 from .model_dir import count_safetensors_parameters, load_recipe_dict, read_json
 
 __all__ = [
+    "ENDPOINT_URL_PLACEHOLDER",
     "GRM_CITATION",
     "TEMPLATE_PATH",
     "build_model_card",
+    "endpoint_snippet",
+    "extract_endpoint_snippet",
     "extract_usage_snippet",
     "usage_snippet",
     "validate_model_card",
@@ -55,6 +60,14 @@ GRM_CITATION = """@inproceedings{liu2026grm,
 }"""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SNIPPET = re.compile(r"^## How to use\s*?\n.*?^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+_ENDPOINT_SNIPPET = re.compile(
+    r"^## Inference Endpoints\s*?\n.*?^```python\n(.*?)^```", re.DOTALL | re.MULTILINE
+)
+ENDPOINT_URL_PLACEHOLDER = "https://YOUR-ENDPOINT.endpoints.huggingface.cloud"
+EXAMPLE_CAPTIONS = ("a red circle left of a blue square", "a small green star", "two yellow triangles")
+# the Hub's own widget sample image (as on CLIP model cards); the widget sends it base64-encoded with the
+# labels as `parameters.candidate_labels`, the zero-shot payload handler.py takes
+WIDGET_IMAGE = "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png"
 
 
 def usage_snippet(repo_id: str, *, revision: str | None = None, region_feature_dim: int | None = None) -> str:
@@ -92,12 +105,90 @@ def usage_snippet(repo_id: str, *, revision: str | None = None, region_feature_d
     return "\n".join(lines)
 
 
+def endpoint_snippet(*, region_feature_dim: int | None = None) -> str:
+    """Python that calls a deployed Inference Endpoint of the model over HTTP with each payload kind of
+    the repo's `handler.py` (zero-shot labels, caption and image embeddings, GRM scores)."""
+    captions = ", ".join(f'"{c}"' for c in EXAMPLE_CAPTIONS)
+    lines = [
+        *(["import base64", "import io"] if region_feature_dim is None else []),
+        "import os",
+        *(["import random"] if region_feature_dim is not None else []),
+        "",
+        "import requests",
+        *(["from PIL import Image"] if region_feature_dim is None else []),
+        "",
+        f'ENDPOINT_URL = "{ENDPOINT_URL_PLACEHOLDER}"  # your endpoint\'s URL',
+        'HEADERS = {"Authorization": f"Bearer {os.environ[\'HF_TOKEN\']}"}  # a token that may call it',
+        "",
+        "",
+        "def query(payload):",
+        "    response = requests.post(ENDPOINT_URL, headers=HEADERS, json=payload, timeout=60)",
+        "    response.raise_for_status()",
+        "    answer = response.json()",
+        '    if isinstance(answer, dict) and "error" in answer:  # a payload the handler refuses',
+        "        raise ValueError(f\"{answer['field']}: {answer['error']}\")",
+        "    return answer",
+        "",
+        "",
+    ]
+    if region_feature_dim is None:
+        lines += [
+            'def b64_image(image):  # or: base64.b64encode(open("photo.jpg", "rb").read()).decode()',
+            "    buffer = io.BytesIO()",
+            '    image.save(buffer, format="PNG")',
+            "    return base64.b64encode(buffer.getvalue()).decode()",
+            "",
+            "",
+            'image = b64_image(Image.new("RGB", (224, 224), "red"))  # a stand-in for your own image',
+        ]
+    else:
+        lines += [
+            f"# a stand-in for one image's detector region features: an [N, {region_feature_dim}] list",
+            f'image = {{"regions": [[random.gauss(0, 1) for _ in range({region_feature_dim})] for _ in range(36)]}}',
+        ]
+    lines += [
+        f"captions = [{captions}]",
+        "# zero-shot labels (the zero-shot-image-classification payload): best first, scores sum to 1",
+        'labels = query({"inputs": image, "parameters": {"candidate_labels": captions}})',
+        'print("best label:", labels[0]["label"], round(labels[0]["score"], 3))',
+        "# global embeddings (unit vectors): one per caption, and the image's",
+        'caption_vectors = query({"inputs": captions})',
+        'image_vector = query({"inputs": image, "parameters": {"task": "image-feature-extraction"}})',
+        'print("cosines:", [round(sum(a * b for a, b in zip(image_vector, v)), 3) for v in caption_vectors])',
+        "# fine-grained GRM scores of the image against each caption, in the captions' order",
+        'for row in query({"inputs": {"image": image, "captions": captions}}):',
+        "    print(f\"{row['score']:.3f}  {row['caption']}\")",
+    ]
+    return "\n".join(lines)
+
+
+def _widget(region_feature_dim: int | None) -> list[dict[str, str]]:
+    """The Hub widget's examples, in payloads `handler.py` takes: an image with candidate labels (the
+    zero-shot payload; not for region-feature models, whose inputs no widget can send) and a caption
+    (the feature-extraction payload: its embedding)."""
+    caption = {"text": EXAMPLE_CAPTIONS[0], "example_title": "Caption embedding"}
+    if region_feature_dim is not None:
+        return [caption]
+    labels = {"src": WIDGET_IMAGE, "candidate_labels": "playing music, playing sports",
+              "example_title": "Cat & Dog"}  # fmt: skip
+    return [labels, caption]
+
+
+def _snippet(pattern: re.Pattern[str], heading: str, card_text: str | ModelCard) -> str:
+    match = pattern.search(str(card_text))
+    if match is None:
+        raise ValueError(f"the model card has no ```python block under '## {heading}'")
+    return match.group(1)
+
+
 def extract_usage_snippet(card_text: str | ModelCard) -> str:
     """The Python code block under the card's "## How to use" heading."""
-    match = _SNIPPET.search(str(card_text))
-    if match is None:
-        raise ValueError("the model card has no ```python block under '## How to use'")
-    return match.group(1)
+    return _snippet(_SNIPPET, "How to use", card_text)
+
+
+def extract_endpoint_snippet(card_text: str | ModelCard) -> str:
+    """The Python code block (the HTTP call of a deployed endpoint) under "## Inference Endpoints"."""
+    return _snippet(_ENDPOINT_SNIPPET, "Inference Endpoints", card_text)
 
 
 def _looks_like_hub_id(value: Any) -> bool:
@@ -231,6 +322,7 @@ def build_model_card(
         metrics=["recall"] if results else None,
         model_name=model_name if results else None,  # the model-index name; no results, no index
         eval_results=to_eval_results(results) or None,
+        widget=_widget(config.get("region_feature_dim")),
     )
     processor_file = directory / "processor_config.json"
     if processor_config is None:
@@ -252,6 +344,9 @@ def build_model_card(
         "usage_snippet": usage_snippet(
             repo_id, revision=revision, region_feature_dim=config.get("region_feature_dim")
         ),
+        "endpoint_snippet": endpoint_snippet(region_feature_dim=config.get("region_feature_dim")),
+        "uses_regions": config.get("region_feature_dim") is not None,
+        "region_feature_dim": config.get("region_feature_dim"),
         "results_table": _results_table(results) if results else "",
         "recipe_summary": _recipe_summary(recipe_dict) if recipe_dict else "",
         "recipe_yaml": yaml.safe_dump(recipe_dict, sort_keys=False).strip() if recipe_dict else "",
@@ -279,10 +374,41 @@ def validate_model_card(card: ModelCard | str) -> ModelCard:
     for result in data.eval_results or []:
         if isinstance(result.metric_value, bool) or not isinstance(result.metric_value, (int, float)):
             problems.append(f"metric {result.metric_type!r} has a non-numeric value {result.metric_value!r}")
-    try:
-        compile(extract_usage_snippet(parsed.text), "<model card usage snippet>", "exec")
-    except (ValueError, SyntaxError) as err:
-        problems.append(f"usage snippet: {err}")
+    for name, extract in (("usage", extract_usage_snippet), ("endpoint", extract_endpoint_snippet)):
+        try:
+            compile(extract(parsed.text), f"<model card {name} snippet>", "exec")
+        except (ValueError, SyntaxError) as err:
+            problems.append(f"{name} snippet: {err}")
+    problems += _widget_problems(getattr(data, "widget", None))
     if problems:
         raise ValueError("invalid model card: " + "; ".join(problems))
     return parsed
+
+
+def _widget_problems(widget: Any) -> list[str]:
+    """What is wrong with the card's `widget:` examples: each must be a payload `handler.py` takes, a
+    caption (`text`) or an image `src` URL with comma-separated `candidate_labels`."""
+    if widget is None:
+        return ["widget: the card has no widget examples"]
+    if not isinstance(widget, list) or not widget:
+        return [f"widget must be a non-empty list, got {widget!r}"]
+    problems = []
+    for index, example in enumerate(widget):
+        if not isinstance(example, Mapping):
+            problems.append(f"widget[{index}] must be a mapping, got {example!r}")
+        elif "text" in example:
+            if not isinstance(example["text"], str) or not example["text"].strip():
+                problems.append(f"widget[{index}].text must be a non-empty caption")
+        elif "src" in example:
+            labels = example.get("candidate_labels")
+            if not str(example["src"]).startswith("https://"):
+                problems.append(f"widget[{index}].src must be an https URL, got {example['src']!r}")
+            if not isinstance(labels, str) or not all(label.strip() for label in labels.split(",")):
+                problems.append(
+                    f"widget[{index}].candidate_labels must be comma-separated labels, got {labels!r}"
+                )
+        else:
+            problems.append(
+                f"widget[{index}] needs `text` (a caption) or `src` (an image) with candidate_labels"
+            )
+    return problems

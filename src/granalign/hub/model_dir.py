@@ -16,6 +16,7 @@ import yaml
 from granalign.training.recipe import RECIPE_FILE
 
 __all__ = [
+    "ENDPOINT_FILES",
     "RECIPE_FILE",
     "UPLOAD_PATTERNS",
     "PushError",
@@ -32,6 +33,10 @@ UPLOAD_PATTERNS = (
     "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "*.model",
     "chat_template.jinja", RECIPE_FILE, "metrics.json", "dev_metrics.json",
 )  # fmt: skip
+# files every pushed repo carries besides the model's own: the Inference Endpoints custom handler (it loads
+# the model with remote code, no granalign needed) and the requirements it installs; shipped in templates/
+TEMPLATES = Path(__file__).with_name("templates")
+ENDPOINT_FILES = {name: TEMPLATES / name for name in ("handler.py", "requirements.txt")}
 
 
 class PushError(ValueError):

@@ -2,7 +2,8 @@
 
 What goes up: the safetensors weights (and their index when sharded), `config.json` with its `auto_map`,
 the model code files it names (`*_granalign.py`), the processor and tokenizer files, the training
-recipe and metrics JSON when present, and a generated model card (`README.md`). Everything is checked
+recipe and metrics JSON when present, the Inference Endpoints custom handler (`handler.py`, with its
+`requirements.txt`; see `granalign/hub/templates/handler.py`) and a generated model card (`README.md`). Everything is checked
 before the first request; the files are then uploaded (LFS objects first) and recorded in a single
 commit, so an interrupted push leaves the branch as it was and simply re-running it completes it
 (already-uploaded LFS objects are not sent again). Weights and code files of an earlier push that the
@@ -31,7 +32,14 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionN
 
 from .eval_results import EvalSource
 from .model_card import build_model_card, validate_model_card
-from .model_dir import RECIPE_FILE, PushError, collect_model_files, load_recipe_dict, verify_model_dir
+from .model_dir import (
+    ENDPOINT_FILES,
+    RECIPE_FILE,
+    PushError,
+    collect_model_files,
+    load_recipe_dict,
+    verify_model_dir,
+)
 
 __all__ = [
     "PushError",
@@ -198,6 +206,10 @@ def push_directory(
         operations: list[Any] = [
             CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files
         ]
+        operations += [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+            for name, path in ENDPOINT_FILES.items()
+        ]
         operations.append(
             CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8"))
         )
@@ -207,7 +219,7 @@ def push_directory(
         operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
         info = api.create_commit(repo_id, operations, commit_message=commit_message,
                                  commit_description=commit_description, revision=branch, create_pr=create_pr)  # fmt: skip
-        return info, (*names, "README.md"), tuple(stale), branch
+        return info, (*names, *ENDPOINT_FILES, "README.md"), tuple(stale), branch
 
 
 def hub_connection(endpoint: str) -> contextlib.AbstractContextManager:
