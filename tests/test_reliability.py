@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,3 +374,33 @@ def test_a_tokenizer_larger_than_the_text_tower_is_refused(saved_model):
     GranAlignModel(config).save_pretrained(saved_model)
     with pytest.raises(ValueError, match="the processor files belong to another model"):
         load_model_and_processor(str(saved_model))
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path):
+    import errno
+    import types
+
+    from granalign.training.checkpoint import TrainerState, find_latest_checkpoint, save_checkpoint
+
+    class Accelerator:
+        is_main_process, fail = True, False
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, directory):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "model.safetensors").write_bytes(b"partial")
+            if self.fail:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    scheduler = types.SimpleNamespace(state_dict=dict)
+    accelerator = Accelerator()
+    first = save_checkpoint(accelerator, tmp_path, TrainerState(global_step=10), scheduler)
+    accelerator.fail = True
+    with pytest.raises(
+        OSError, match=r"could not write checkpoint .*step-00000020.*No space left on device.*intact"
+    ):
+        save_checkpoint(accelerator, tmp_path, TrainerState(global_step=20), scheduler)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000010"]
+    assert find_latest_checkpoint(tmp_path) == first

@@ -14,12 +14,16 @@ checkpoints are kept. A checkpoint resumes only with the same number of processe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 from granalign.training.recipe import RECIPE_FILE
 
@@ -109,6 +113,22 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def writing_directory(tmp: Path, what: str) -> Iterator[None]:
+    """Write `tmp` (a temporary directory renamed into place when complete); if writing fails (a full
+    disk, a quota), remove it and raise one `OSError` that says what could not be written and that the
+    previous copy is intact, instead of a traceback from deep inside torch or safetensors."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save reports ENOSPC as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"could not write {what} ({reason}); the partial copy was removed and the previous one is "
+            "intact: free some space and run again (with --resume to continue training)"
+        ) from None
+
+
 def replace_directory(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
     """Move the complete directory `tmp` to `target`, replacing an existing one.
 
@@ -167,11 +187,13 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing_directory(tmp, f"checkpoint {str(final)!r}"):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state.scheduler = scheduler.state_dict()
-        write_text_atomic(tmp / STATE_FILE, state.to_json())
+        with writing_directory(tmp, f"checkpoint {str(final)!r}"):
+            write_text_atomic(tmp / STATE_FILE, state.to_json())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -233,15 +255,16 @@ def save_model_dir(model: Any, processor: Any, recipe: Any, target: Path, extra:
     tmp = target.with_name(f".tmp-{target.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    merged = merged_state_dict(model)  # None: no adapters, save as is
-    model.save_pretrained(tmp, **({} if merged is None else {"state_dict": merged}))
-    processor.save_pretrained(tmp)
     from granalign.evaluation.protocols import save_metrics_json
     from granalign.training.recipe import save_recipe
 
-    save_recipe(recipe, tmp / RECIPE_FILE)
-    for name, payload in extra.items():
-        save_metrics_json(payload, tmp / name)
+    merged = merged_state_dict(model)  # None: no adapters, save as is
+    with writing_directory(tmp, f"the model {str(target)!r}"):
+        model.save_pretrained(tmp, **({} if merged is None else {"state_dict": merged}))
+        processor.save_pretrained(tmp)
+        save_recipe(recipe, tmp / RECIPE_FILE)
+        for name, payload in extra.items():
+            save_metrics_json(payload, tmp / name)
     replace_directory(tmp, target)
 
 
