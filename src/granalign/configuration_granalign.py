@@ -178,6 +178,8 @@ class GranAlignConfig(PreTrainedConfig):
     """
 
     model_type = "granalign"
+    # CLIP's name for the shared embedding size (sentence-transformers reads it for the embedding dimension)
+    attribute_map = {"projection_dim": "embed_dim"}  # noqa: RUF012 (transformers' class attribute)
     # The towers are sub-configs, so `attn_implementation=` and `dtype=` given to `from_pretrained` reach
     # them. vision_config is optional: models on precomputed regions have no vision tower.
     if SubConfigSpec is not None:
