@@ -56,7 +56,8 @@ from _workload import machine, peak_rss
 from granalign import GranAlignModel, GranAlignProcessor
 from granalign.configuration_granalign import ABLATION_VARIANTS
 from granalign.evaluation.protocols import evaluate_protocol
-from granalign.evaluation.runner import caption_index, encode_split_images, encode_texts, evaluate_split
+from granalign.evaluation.runner import caption_index, evaluate_split
+from granalign.retrieval.encode import encode_captions, encode_dataset_images
 from granalign.training.builders import (
     build_model,
     build_processor,
@@ -263,11 +264,13 @@ def time_evaluation(args: argparse.Namespace, accelerator: Accelerator) -> None:
         seconds: dict[str, float] = {}
         with torch.no_grad(), accelerator.autocast():
             start = time.perf_counter()
-            images = encode_split_images(model, processor, split, rows, e.batch_size, progress=False)
+            images, _ = encode_dataset_images(
+                model, processor, split, e.batch_size, False, output_device=None, rows=rows
+            )
             _sync(device)
             seconds["encode images"] = time.perf_counter() - start
             start = time.perf_counter()
-            texts = encode_texts(model, processor, captions, e.batch_size, progress=False)
+            texts = encode_captions(model, processor, captions, e.batch_size, False, output_device=None)
             _sync(device)
             seconds["encode captions"] = time.perf_counter() - start
             start = time.perf_counter()

@@ -182,3 +182,19 @@ def test_training_path_of_the_token_levels_has_the_reference_values_and_gradient
     torch.testing.assert_close(values, reference_values)
     for got, expected in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_select_rows_drops_only_the_columns_no_selected_item_uses(encoded):
+    from granalign.outputs_granalign import select_rows
+    from granalign.scoring_granalign import token_widths
+
+    model, images, texts, _ = encoded
+    widths = [int(row.nonzero().max()) + 1 for row in texts.token_mask]  # 9, 8, 7, 6, 9, 8, 7
+    assert token_widths(texts.token_mask).tolist() == widths
+    rows = torch.tensor(sorted(range(len(widths)), key=widths.__getitem__)[:3])  # the three shortest
+    part = select_rows(texts, rows)
+    assert part.tokens.shape[1] == max(widths[r] for r in rows) < texts.tokens.shape[1]
+    torch.testing.assert_close(model.score(images, part), model.score(images, texts)[:, rows])
+    view = select_rows(images, slice(1, 4), names=("tokens", "token_mask"))
+    assert set(view.keys()) == {"tokens", "token_mask"}
+    assert view.tokens.data_ptr() == images.tokens[1:4].data_ptr()  # a slice copies nothing

@@ -19,6 +19,7 @@ from PIL import Image
 
 from granalign import GranAlignConfig, GranAlignModel, concat_image_outputs, concat_text_outputs
 from granalign.data.schema import image_features, region_features
+from granalign.distributed import all_gather_tensors, gather_output, gather_tensor
 from granalign.evaluation.metrics import RECALL_KEYS, retrieval_metrics
 from granalign.evaluation.runner import caption_index, evaluate_split, score_split
 from granalign.evaluation.two_stage import evaluate_split_two_stage
@@ -34,7 +35,6 @@ from granalign.training.checkpoint import (
     warn_recipe_changes,
 )
 from granalign.training.collate import AlignmentCollator, CaptionPairDataset, EpochPermutationSampler
-from granalign.training.distributed import all_gather_tensors, gather_output, gather_tensor
 from granalign.training.optim import LRSchedule, build_optimizer, parameter_groups
 from granalign.training.tokenizer import SPECIAL_TOKENS, build_caption_tokenizer
 
@@ -397,6 +397,22 @@ def test_evaluate_split_matches_brute_force_scores() -> None:
     assert set(result["metrics"]) >= {"i2t_r1", "t2i_r10", "rsum"}
     with pytest.raises(ValueError, match="expects 1000 images"):
         evaluate_split(model, processor, split, "flickr30k-1k", progress=False)
+
+
+def test_evaluation_scores_what_the_gallery_encode_path_encodes() -> None:
+    from granalign.retrieval import encode_captions, encode_dataset_images
+
+    split = _image_split()
+    processor = _processor(split)
+    model = _model(len(processor.tokenizer)).eval()
+    scores, _ = score_split(model, processor, split, batch_size=2, progress=False)
+    captions, _ = caption_index(split)
+    images, ids = encode_dataset_images(model, processor, split, batch_size=3, progress=False)
+    texts = encode_captions(model, processor, captions, batch_size=3, progress=False)
+    torch.testing.assert_close(scores, model.score(images, texts), atol=1e-5, rtol=1e-5)
+    part, part_ids = encode_dataset_images(model, processor, split, 1, False, rows=range(1, 3))
+    assert ids == ["a", "b", "c"] and part_ids == ["b", "c"]
+    torch.testing.assert_close(part.tokens, images.tokens[1:3])
 
 
 def test_two_stage_evaluation_reports_the_recall_a_shortlist_loses() -> None:

@@ -43,11 +43,11 @@ from .outputs_granalign import (
     concat_text_outputs,
 )
 from .scoring_granalign import (
+    chunked_level_similarities,
     code_images,
     code_texts,
-    length_sorted,
-    level_similarities,
-    mean_pooled_similarities,
+    combine_levels,
+    global_similarities,
 )
 
 __all__ = [
@@ -582,8 +582,6 @@ class GranAlignModel(GranAlignPreTrainedModel):
         Peak memory is about `image_chunk_size · L_v · text_chunk_size · L_t` cosines; `dtype` (e.g.
         `torch.bfloat16`) sets the precision of the token products.
         """
-        if image_chunk_size < 1 or text_chunk_size < 1:
-            raise ValueError(f"chunk sizes must be >= 1, got {image_chunk_size} and {text_chunk_size}")
         images = code_images(
             image_outputs.tokens,
             image_outputs.token_mask,
@@ -592,27 +590,14 @@ class GranAlignModel(GranAlignPreTrainedModel):
             dtype,
         )
         texts = code_texts(text_outputs.tokens, text_outputs.token_mask, text_outputs.keep_weights, dtype)
-        if self.config.similarity_pooling == "mean":
-            return mean_pooled_similarities(images, texts)
-        num_images, num_texts = images.tokens.shape[0], texts.tokens.shape[0]
-        slope = self.config.similarity_negative_slope
-        if num_images <= image_chunk_size and num_texts <= text_chunk_size:
-            return level_similarities(images, texts, slope)
-        # Chunks of captions of similar length, each cut to the columns its captions use: no work on padding.
-        order, texts, widths = length_sorted(texts)
-        scores = images.tokens.new_empty((3, num_images, num_texts), dtype=torch.float32)
-        for i in range(0, num_images, image_chunk_size):
-            image_chunk = type(images)(
-                *(None if field is None else field[i : i + image_chunk_size] for field in images)
-            )
-            for j in range(0, num_texts, text_chunk_size):
-                width = max(int(widths[j : j + text_chunk_size].max()), 1)
-                text_chunk = type(texts)(*(field[j : j + text_chunk_size, :width] for field in texts))
-                columns = order[j : j + text_chunk_size]
-                scores[:, i : i + image_chunk_size, columns] = level_similarities(
-                    image_chunk, text_chunk, slope
-                )
-        return scores
+        return chunked_level_similarities(
+            images,
+            texts,
+            self.config.similarity_negative_slope,
+            self.config.similarity_pooling,
+            image_chunk_size,
+            text_chunk_size,
+        )
 
     def score(
         self,
@@ -634,20 +619,11 @@ class GranAlignModel(GranAlignPreTrainedModel):
         self, levels: torch.Tensor, image_outputs: GranAlignImageOutput, text_outputs: GranAlignTextOutput
     ) -> torch.Tensor:
         """`a·S_ori + b·S_key + c·S_unc` (+ `g·cos` of the global embeddings) of `[3, N, M]` levels."""
-        weights = torch.tensor(self.config.effective_level_weights, dtype=levels.dtype, device=levels.device)
-        scores = torch.einsum("l,lnm->nm", weights, levels)
-        if self.config.global_level_weight > 0:
-            scores = scores + self.config.global_level_weight * self._global_scores(
-                image_outputs, text_outputs
-            )
-        return scores
-
-    @staticmethod
-    def _global_scores(
-        image_outputs: GranAlignImageOutput, text_outputs: GranAlignTextOutput
-    ) -> torch.Tensor:
-        """Cosines `[N, M]` of the unit global embeddings."""
-        return (image_outputs.image_embeds @ text_outputs.text_embeds.t()).float()
+        return combine_levels(
+            levels,
+            self.config,
+            lambda: global_similarities(image_outputs.image_embeds, text_outputs.text_embeds),
+        )
 
     # ------------------------------------------------------------------ losses
 
@@ -688,7 +664,8 @@ class GranAlignModel(GranAlignPreTrainedModel):
         global_weight = config.global_loss_weight + config.global_level_weight
         if global_weight > 0:
             # the global embeddings: a level of the score, or for embedding shortlists (not in the paper)
-            contrastive.append(("global", self._global_scores(image_outputs, text_outputs), global_weight))
+            cosines = global_similarities(image_outputs.image_embeds, text_outputs.text_embeds)
+            contrastive.append(("global", cosines, global_weight))
         for name, scores, weight in contrastive:
             if weight == 0:
                 continue

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from .scoring_granalign import token_widths
+
 __all__ = [
     "GranAlignImageOutput",
     "GranAlignLoss",
@@ -19,6 +21,7 @@ __all__ = [
     "GranAlignTextOutput",
     "concat_image_outputs",
     "concat_text_outputs",
+    "select_rows",
 ]
 
 
@@ -146,3 +149,31 @@ def concat_image_outputs(outputs: list[GranAlignImageOutput]) -> GranAlignImageO
 def concat_text_outputs(outputs: list[GranAlignTextOutput]) -> GranAlignTextOutput:
     """Concatenate caption batches, padding token dimensions."""
     return _concat(outputs, GranAlignTextOutput)
+
+
+def select_rows(
+    outputs: ModelOutput,
+    rows: slice | torch.Tensor,
+    device: torch.device | str | None = None,
+    names: tuple[str, ...] | None = None,
+) -> ModelOutput:
+    """Items `rows` (a slice, or a tensor of row numbers) of image or text outputs, token fields cut to
+    the columns some selected item uses (`token_widths`: no score changes), on `device`.
+
+    `names` keeps only those fields (e.g. the ones a score reads); a slice on the same device copies
+    nothing. Every field of the outputs is batch-first, so any field can be selected.
+    """
+    if isinstance(rows, torch.Tensor):
+        rows = rows.to(outputs.token_mask.device)
+    mask = outputs.token_mask[rows]
+    width = max(int(token_widths(mask).max()), 1) if mask.shape[0] else mask.shape[1]
+    fields = {}
+    for name, value in outputs.items():
+        if names is not None and name not in names:
+            continue
+        if name == "token_mask":
+            value = mask[:, :width]
+        else:
+            value = value[:, :width][rows] if name in _TOKEN_DIM else value[rows]
+        fields[name] = value.to(device) if device is not None else value
+    return type(outputs)(**fields)

@@ -1,60 +1,101 @@
-"""Fine-grained image-text similarity: masked bidirectional token max-pooling, chunked over pairs.
+"""The GRM score, defined once: its three levels, their pooling, and how they combine.
 
 For caption tokens `x_i` with weights `a_i` and image tokens `y_j` with weights `b_j`,
 `s_ij = LeakyReLU(a_i b_j cos(x_i, y_j))` and
 
     sim = Σ_i a_i max_j s_ij / Σ_i a_i  +  Σ_j b_j max_i s_ij / Σ_j b_j,
 
-with padding excluded from both the maxima and the means. Three levels share this pooling:
-`original` (a, b = 1 on real tokens), `key` (a, b = the adapters' keep probabilities) and `uncertainty`
-(caption tokens with their keep probabilities against the K region tokens, b = 1).
+with padding excluded from both the maxima and the means (a late interaction, as ColBERT's, both ways:
+the image side never sees the caption, so both sides are encoded and cached once). Three levels share
+this pooling: `original` (a, b = 1 on real tokens), `key` (a, b = the adapters' keep probabilities) and
+`uncertainty` (caption tokens with their keep probabilities against the K region tokens, b = 1; zero for
+a model without regions). With `similarity_pooling="mean"` each level is instead the cosine of the
+weighted-mean unit embeddings of both sides (the global dual-encoder baseline). The score is
+`a·S_ori + b·S_key + c·S_unc` with the config's `effective_level_weights`, plus `g·cos` of the global
+embeddings when `global_level_weight` g > 0 (`combine_levels`).
+
+Everything that scores pairs goes through `level_similarities` / `region_similarities` and
+`combine_levels`: `GranAlignModel.score` and `level_scores` (all pairs, `chunked_level_similarities`),
+training (the same, with a backward that never stores the cosines), the two-stage re-rank of gathered
+pairs (`granalign.retrieval.rerank`: captions grouped per image) and its first stage (the region level
+alone, `chunked_region_similarities`).
 
 The work is split into a *coding* step, done once per item (normalise, append two masking coordinates),
 and a *pooling* step on chunks of items: one matrix product gives every token cosine of a chunk of
 images against a chunk of captions, `[n_img, L_v, n_txt, L_t]`, so memory is bounded by the chunk sizes.
 The original and key levels share that product: as the weights are non-negative scalars,
-`max_j a_i b_j c_ij = a_i · max_j b_j c_ij`. Travels to the Hub with a checkpoint: imports only torch.
+`max_j a_i b_j c_ij = a_i · max_j b_j c_ij`. Captions come in one of two layouts: `[m, L_t, ...]`, shared
+by every image of the chunk (all pairs), or `[n, m, L_t, ...]`, each image's own `m` captions (gathered
+pairs, one batched product). Travels to the Hub with a checkpoint: imports only torch.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "POOLINGS",
     "CodedImages",
     "CodedTexts",
+    "chunked_level_similarities",
+    "chunked_region_similarities",
     "code_images",
+    "code_regions",
     "code_texts",
+    "combine_levels",
+    "global_similarities",
     "length_sorted",
     "level_similarities",
-    "mean_pooled_similarities",
     "pooled_similarity",
+    "region_similarities",
+    "token_similarities",
+    "token_widths",
 ]
+
+#: The values of `config.similarity_pooling`.
+POOLINGS = ("token_max", "mean")
 
 # Added to the cosine of a padding token so it never wins a max (cosines lie in [-1, 1]); fits in fp16.
 _PADDING_PENALTY = 1e4
 
 
 class CodedImages(NamedTuple):
-    """Image side ready for pooling. N images, L_v tokens, K regions, d + 2 coded features."""
+    """Image side ready for pooling. N images, L_v tokens, K regions, d + 2 coded features.
 
-    tokens: torch.Tensor  # [N, L_v, d + 2] unit tokens + (padding penalty, 1)
-    weights: torch.Tensor  # [N, L_v] keep probabilities, 0 at padding
-    scales: torch.Tensor  # [N, L_v] keep probabilities, 1 at padding (keeps the penalty intact)
-    valid: torch.Tensor  # [N, L_v] 1 for real tokens
+    `code_regions` leaves the four token fields `None` (the region level reads only `regions`)."""
+
+    tokens: torch.Tensor | None  # [N, L_v, d + 2] unit tokens + (padding penalty, 1)
+    weights: torch.Tensor | None  # [N, L_v] keep probabilities, 0 at padding
+    scales: torch.Tensor | None  # [N, L_v] keep probabilities, 1 at padding (keeps the penalty intact)
+    valid: torch.Tensor | None  # [N, L_v] 1 for real tokens
     regions: torch.Tensor | None  # [N, K, d + 2] unit region tokens + (0, 1); None without regions
 
 
 class CodedTexts(NamedTuple):
-    """Caption side ready for pooling. M captions, L_t tokens, d + 2 coded features."""
+    """Caption side ready for pooling. M captions, L_t tokens, d + 2 coded features.
+
+    Fields may carry a leading image axis, `[n, m, L_t, ...]`: each image of a chunk with its own captions.
+    """
 
     tokens: torch.Tensor  # [M, L_t, d + 2] unit tokens + (1, padding penalty)
     weights: torch.Tensor  # [M, L_t] keep probabilities, 0 at padding
     scales: torch.Tensor  # [M, L_t] keep probabilities, 1 at padding
     valid: torch.Tensor  # [M, L_t] 1 for real tokens
+
+
+def token_widths(mask: torch.Tensor) -> torch.Tensor:
+    """Columns each row of a `[..., L]` token mask uses: its last real token + 1 (0 for no real token).
+
+    The one definition of "padding that can be dropped": columns past a row's width are padding, and a
+    padding column never wins a max (its cosine is pushed below −1) and weighs 0 in every mean, so cutting
+    a set of rows to their widest width changes no score.
+    """
+    columns = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+    return (mask.ne(0) * columns).amax(dim=-1)
 
 
 def _code(
@@ -72,6 +113,11 @@ def _code(
     return coded.to(dtype) if dtype is not None else coded
 
 
+def _code_regions(region_tokens: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    valid = torch.ones(region_tokens.shape[:2], device=region_tokens.device)
+    return _code(region_tokens, valid, image_side=True, dtype=dtype)
+
+
 def code_images(
     tokens: torch.Tensor,
     token_mask: torch.Tensor,
@@ -82,17 +128,18 @@ def code_images(
     """Code the image side: tokens `[N, L_v, d]`, mask and keep weights `[N, L_v]`, regions `[N, K, d]`."""
     valid = token_mask.float()
     weights = keep_weights.float() * valid
-    regions = None
-    if region_tokens is not None:
-        regions_valid = torch.ones(region_tokens.shape[:2], device=region_tokens.device)
-        regions = _code(region_tokens, regions_valid, image_side=True, dtype=dtype)
     return CodedImages(
         tokens=_code(tokens, valid, image_side=True, dtype=dtype),
         weights=weights,
         scales=torch.where(valid > 0, weights, torch.ones_like(weights)),
         valid=valid,
-        regions=regions,
+        regions=None if region_tokens is None else _code_regions(region_tokens, dtype),
     )
+
+
+def code_regions(region_tokens: torch.Tensor, dtype: torch.dtype | None = None) -> CodedImages:
+    """Code the region tokens `[N, K, d]` alone (all the region level needs); the token fields are None."""
+    return CodedImages(None, None, None, None, _code_regions(region_tokens, dtype))
 
 
 def code_texts(
@@ -153,24 +200,29 @@ def pooled_similarity(
 
 
 def _pairwise_cosine(image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
-    """`[n, L_v, d + 2]` × `[m, L_t, d + 2]` coded tokens → `[n, L_v, m, L_t]` in one matrix product."""
+    """Coded image tokens `[n, L_v, d + 2]` against coded caption tokens → cosines `[n, L_v, m, L_t]`.
+
+    Captions `[m, L_t, d + 2]` are shared by every image (one matrix product over all pairs); captions
+    `[n, m, L_t, d + 2]` are each image's own (one batched product: the gathered pairs of a re-rank).
+    """
     n, length_v, dim = image_tokens.shape
+    if text_tokens.dim() == 4:
+        m, length_t = text_tokens.shape[1:3]
+        flat = torch.bmm(image_tokens, text_tokens.reshape(n, m * length_t, dim).transpose(1, 2))
+        return flat.view(n, length_v, m, length_t)
     m, length_t, _ = text_tokens.shape
     flat = image_tokens.reshape(n * length_v, dim) @ text_tokens.reshape(m * length_t, dim).t()
     return flat.view(n, length_v, m, length_t)
 
 
 def length_sorted(texts: CodedTexts) -> tuple[torch.Tensor, CodedTexts, torch.Tensor]:
-    """Captions reordered by the number of columns they use (last real token + 1), shortest first.
+    """Captions reordered by the number of columns they use (`token_widths`), shortest first.
 
     Returns `order` `[M]` (caption `order[j]` is row `j` of the result), the reordered `CodedTexts` and the
     used widths `[M]` in that order. A chunk of neighbouring rows can then drop the padding columns none of
-    its captions uses (`[:, :widths[chunk].max()]`) without changing any score: a padding column never
-    wins a max (its cosine is pushed below −1) and weighs 0 in every mean.
+    its captions uses (`[:, :widths[chunk].max()]`) without changing any score.
     """
-    columns = torch.arange(1, texts.valid.shape[1] + 1, device=texts.valid.device)
-    used = ((texts.valid > 0) * columns).amax(dim=1)  # [M]
-    widths, order = torch.sort(used, stable=True)
+    widths, order = torch.sort(token_widths(texts.valid), stable=True)
     return order, CodedTexts(*(field[order] for field in texts)), widths
 
 
@@ -267,33 +319,6 @@ def _token_levels_with_sparse_backward(
     return original, key
 
 
-def level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: float) -> torch.Tensor:
-    """The three GRM similarity levels for every image-caption pair of one chunk → `[3, n, m]`.
-
-    Rows are `original`, `key` and `uncertainty` (zeros for a model without regions). Memory:
-    `n · L_v · m · L_t` cosines. When gradients are needed, the token maxima go through `_TokenMaxima`,
-    whose backward does not keep the cosines (same values, same gradients up to ties).
-    """
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (images.tokens, texts.tokens, images.scales, texts.scales)
-    )
-    if needs_grad:
-        original, key = _token_levels_with_sparse_backward(images, texts, negative_slope)
-    else:
-        original, key = _token_levels(images, texts, negative_slope)
-    if images.regions is None:
-        return torch.stack([original, key, torch.zeros_like(original)])
-    region_cosine = _pairwise_cosine(images.regions, texts.tokens)
-    uncertainty = pooled_similarity(
-        region_cosine,
-        torch.ones(region_cosine.shape[:2], device=region_cosine.device),
-        texts.weights,
-        negative_slope,
-        text_scales=texts.scales,
-    )
-    return torch.stack([original, key, uncertainty])
-
-
 def _token_levels(
     images: CodedImages, texts: CodedTexts, negative_slope: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,24 +337,185 @@ def _token_levels(
 
 
 def _mean_embedding(coded: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Unit weighted mean `[N, d]` of coded unit tokens `[N, L, d + 2]` with weights `[N, L]`."""
+    """Unit weighted mean `[..., d]` of coded unit tokens `[..., L, d + 2]` with weights `[..., L]`."""
     unit = coded[..., :-2].float()
-    return F.normalize(_weighted_mean(unit, weights.unsqueeze(-1), dim=1), dim=-1)
+    return F.normalize(_weighted_mean(unit, weights.unsqueeze(-1), dim=-2), dim=-1)
 
 
-def mean_pooled_similarities(images: CodedImages, texts: CodedTexts) -> torch.Tensor:
-    """The three levels with mean pooling instead of max pooling (the global dual-encoder baseline).
+def _mean_cosines(image_means: torch.Tensor, text_means: torch.Tensor) -> torch.Tensor:
+    """Cosines `[n, m]` of unit image means `[n, d]` with caption means `[m, d]` or `[n, m, d]`."""
+    if text_means.dim() == 3:
+        return (text_means @ image_means.unsqueeze(-1)).squeeze(-1)
+    return image_means @ text_means.t()
 
-    Each level is the cosine of the weighted-mean unit embeddings of both sides → `[3, n, m]`.
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown similarity pooling {pooling!r}; expected one of {POOLINGS}")
+
+
+def token_similarities(
+    images: CodedImages, texts: CodedTexts, negative_slope: float, pooling: str = "token_max"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original and key levels `[n, m]` each, for either caption layout (see the module docstring).
+
+    With gradients and shared captions (training), the token maxima go through `_TokenMaxima`, whose
+    backward does not keep the cosines (same values, same gradients up to ties).
     """
-    text_all, text_kept = (
-        _mean_embedding(texts.tokens, texts.valid),
-        _mean_embedding(texts.tokens, texts.weights),
+    _check_pooling(pooling)
+    if pooling == "mean":
+        original = _mean_cosines(
+            _mean_embedding(images.tokens, images.valid), _mean_embedding(texts.tokens, texts.valid)
+        )
+        key = _mean_cosines(
+            _mean_embedding(images.tokens, images.weights), _mean_embedding(texts.tokens, texts.weights)
+        )
+        return original, key
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (images.tokens, texts.tokens, images.scales, texts.scales)
     )
-    original = _mean_embedding(images.tokens, images.valid) @ text_all.t()
-    key = _mean_embedding(images.tokens, images.weights) @ text_kept.t()
+    if needs_grad and texts.tokens.dim() == 3:
+        return _token_levels_with_sparse_backward(images, texts, negative_slope)
+    return _token_levels(images, texts, negative_slope)
+
+
+def region_similarities(
+    images: CodedImages, texts: CodedTexts, negative_slope: float, pooling: str = "token_max"
+) -> torch.Tensor:
+    """The uncertainty level `S_unc` `[n, m]`: keep-weighted caption tokens against the K region tokens.
+
+    Needs `images.regions` (a model with region prompting); either caption layout.
+    """
+    _check_pooling(pooling)
+    regions = images.regions
+    if regions is None:
+        raise ValueError("the region level needs region tokens; these images have none")
+    ones = torch.ones(regions.shape[:2], device=regions.device)
+    if pooling == "mean":
+        return _mean_cosines(_mean_embedding(regions, ones), _mean_embedding(texts.tokens, texts.weights))
+    cosine = _pairwise_cosine(regions, texts.tokens)
+    return pooled_similarity(cosine, ones, texts.weights, negative_slope, text_scales=texts.scales)
+
+
+def level_similarities(
+    images: CodedImages, texts: CodedTexts, negative_slope: float, pooling: str = "token_max"
+) -> torch.Tensor:
+    """The three GRM levels of one chunk → `[3, n, m]`: `original`, `key` and `uncertainty` (zeros for
+    images without regions). Captions `[m, ...]` give every image-caption pair; captions `[n, m, ...]`
+    give image `b` with each of its own `m` captions. Memory: `n · L_v · m · L_t` cosines (token_max).
+    """
+    original, key = token_similarities(images, texts, negative_slope, pooling)
     if images.regions is None:
         return torch.stack([original, key, torch.zeros_like(original)])
-    regions_valid = torch.ones(images.regions.shape[:2], device=images.regions.device)
-    uncertainty = _mean_embedding(images.regions, regions_valid) @ text_kept.t()
-    return torch.stack([original, key, uncertainty])
+    return torch.stack([original, key, region_similarities(images, texts, negative_slope, pooling)])
+
+
+# ------------------------------------------------------------------ every pair, chunk by chunk
+
+
+def _rows(coded: Any, index: Any) -> Any:
+    return type(coded)(*(None if field is None else field[index] for field in coded))
+
+
+def _chunked(
+    similarities: Callable[[CodedImages, CodedTexts], torch.Tensor],
+    images: CodedImages,
+    texts: CodedTexts,
+    levels: tuple[int, ...],
+    image_chunk_size: int,
+    text_chunk_size: int,
+    whole: bool = False,
+) -> torch.Tensor:
+    """`similarities(image_chunk, text_chunk)` → `[*levels, n, m]` for every pair, chunk by chunk.
+
+    Captions go in length-sorted chunks, each cut to the columns its captions use: no work on padding.
+    `whole` scores everything at once (mean pooling: its memory is that of the `[N, M]` output anyway).
+    """
+    if image_chunk_size < 1 or text_chunk_size < 1:
+        raise ValueError(f"chunk sizes must be >= 1, got {image_chunk_size} and {text_chunk_size}")
+    num_images = (images.tokens if images.tokens is not None else images.regions).shape[0]
+    num_texts = texts.tokens.shape[0]
+    if whole or (num_images <= image_chunk_size and num_texts <= text_chunk_size):
+        return similarities(images, texts)
+    if num_texts > text_chunk_size:
+        order, texts, widths = length_sorted(texts)
+    else:  # one chunk of captions: sorting cannot narrow it (and would copy them all)
+        order, widths = None, token_widths(texts.valid)
+    scores = texts.tokens.new_empty((*levels, num_images, num_texts), dtype=torch.float32)
+    for i in range(0, num_images, image_chunk_size):
+        image_chunk = _rows(images, slice(i, i + image_chunk_size))
+        for j in range(0, num_texts, text_chunk_size):
+            width = max(int(widths[j : j + text_chunk_size].max()), 1)
+            text_chunk = CodedTexts(*(field[j : j + text_chunk_size, :width] for field in texts))
+            columns = slice(j, j + text_chunk_size) if order is None else order[j : j + text_chunk_size]
+            scores[..., i : i + image_chunk_size, columns] = similarities(image_chunk, text_chunk)
+    return scores
+
+
+def chunked_level_similarities(
+    images: CodedImages,
+    texts: CodedTexts,
+    negative_slope: float,
+    pooling: str = "token_max",
+    image_chunk_size: int = 16,
+    text_chunk_size: int = 256,
+) -> torch.Tensor:
+    """`level_similarities` of every image with every caption → `[3, N_img, N_txt]` (float32).
+
+    Peak memory is about `image_chunk_size · L_v · text_chunk_size · L_t` cosines (mean pooling needs no
+    chunks: its levels are products of `[N, d]` means).
+    """
+
+    def levels(image_chunk: CodedImages, text_chunk: CodedTexts) -> torch.Tensor:
+        return level_similarities(image_chunk, text_chunk, negative_slope, pooling)
+
+    _check_pooling(pooling)
+    return _chunked(levels, images, texts, (3,), image_chunk_size, text_chunk_size, pooling == "mean")
+
+
+def chunked_region_similarities(
+    images: CodedImages,
+    texts: CodedTexts,
+    negative_slope: float,
+    pooling: str = "token_max",
+    image_chunk_size: int = 64,
+    text_chunk_size: int = 1024,
+) -> torch.Tensor:
+    """`region_similarities` of every image with every caption → `[N_img, N_txt]` (float32); the images
+    may be coded by `code_regions`. Memory: `image_chunk_size · K · text_chunk_size · L_t` cosines."""
+
+    def regions(image_chunk: CodedImages, text_chunk: CodedTexts) -> torch.Tensor:
+        return region_similarities(image_chunk, text_chunk, negative_slope, pooling)
+
+    _check_pooling(pooling)
+    return _chunked(regions, images, texts, (), image_chunk_size, text_chunk_size, pooling == "mean")
+
+
+# ------------------------------------------------------------------ the score
+
+
+def global_similarities(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, paired: bool = False
+) -> torch.Tensor:
+    """Cosines of the unit global embeddings (float32): `[N, M]` for every pair of `[N, d]` and `[M, d]`,
+    or `[P]` with `paired` (row p of each side is pair p)."""
+    if paired:
+        return (image_embeds * text_embeds).sum(-1).float()
+    return (image_embeds @ text_embeds.t()).float()
+
+
+def combine_levels(
+    levels: torch.Tensor, config: Any, global_cosines: Callable[[], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The GRM score from its levels `[3, ...]`: `a·S_ori + b·S_key + c·S_unc` with
+    `config.effective_level_weights` (c = 0 without region prompting), plus `g · global_cosines()` (the
+    `global_similarities` of the same pairs, shaped as one level) when `config.global_level_weight` g > 0.
+    """
+    weights = torch.tensor(config.effective_level_weights, dtype=levels.dtype, device=levels.device)
+    scores = torch.einsum("l,l...->...", weights, levels)
+    global_weight = getattr(config, "global_level_weight", 0.0)
+    if global_weight > 0:
+        if global_cosines is None:
+            raise ValueError("global_level_weight > 0: the score needs the global embeddings' cosines")
+        scores = scores + global_weight * global_cosines().to(scores.device)
+    return scores

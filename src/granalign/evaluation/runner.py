@@ -1,7 +1,8 @@
 """Encode a dataset split with a GranAlign model, score every image against every caption, and apply a
 retrieval protocol.
 
-Images and captions are encoded once, in batches (`encode_image` / `encode_text`), then scored with the
+Images and captions are encoded once, in batches, by the encode path gallery indices use
+(`granalign.retrieval.encode`, outputs kept on the model's device), then scored with the
 model's chunked `score`, so no `N_img × N_txt × L_t × L_v` tensor is ever built. Captions are flattened in
 row order, so `text_to_image[j]` is the row of caption `j` (docs/design.md). Under several processes
 (an `Accelerator` with W > 1) each process encodes a contiguous block of rows and their captions, the
@@ -15,18 +16,16 @@ import bisect
 import contextlib
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 
+from granalign.distributed import gather_output, gather_tensor
 from granalign.evaluation.metrics import retrieval_metrics_identical_captions
 from granalign.evaluation.protocols import PROTOCOLS, evaluate_protocol
-from granalign.modeling_granalign import concat_image_outputs, concat_text_outputs
-from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput
-from granalign.training.distributed import gather_output, gather_tensor
+from granalign.outputs_granalign import concat_text_outputs
+from granalign.retrieval.encode import encode_captions, encode_dataset_images
 
-__all__ = ["caption_index", "encode_split_images", "encode_texts", "evaluate_split", "score_split"]
+__all__ = ["caption_index", "evaluate_split", "score_split"]
 
 
 def caption_index(split: Dataset) -> tuple[list[str], list[int]]:
@@ -37,90 +36,6 @@ def caption_index(split: Dataset) -> tuple[list[str], list[int]]:
         captions.extend(row_captions)
         text_to_image.extend([row] * len(row_captions))
     return captions, text_to_image
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _progress(total: int, description: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-@torch.no_grad()
-def encode_split_images(
-    model: Any,
-    processor: Any,
-    split: Dataset,
-    rows: range,
-    batch_size: int = 64,
-    progress: bool = True,
-    image_states: Any = None,
-) -> GranAlignImageOutput:
-    """Encode the images (or precomputed regions) of `split[rows]` in batches → one image output.
-
-    `image_states` (a frozen vision tower's `TowerStates` for the split's rows) skips the tower.
-    """
-    device = _device(model)
-    uses_regions = "region_features" in split.column_names
-    table = split.with_format("numpy", columns=["region_features"]) if uses_regions else split
-    outputs = []
-    with _progress(len(rows), "encode images", progress) as bar:
-        for start in range(rows.start, rows.stop, batch_size):
-            stop = min(start + batch_size, rows.stop)
-            if image_states is not None:
-                states, _ = image_states.batch(range(start, stop))
-                out = model.encode_image(vision_hidden_states=states.to(device))
-            elif uses_regions:
-                regions = [np.asarray(x, dtype=np.float32) for x in table[start:stop]["region_features"]]
-                inputs = processor(regions=regions, return_tensors="pt")
-                out = model.encode_image(
-                    region_features=inputs["region_features"].to(device),
-                    region_mask=inputs["region_mask"].to(device),
-                )
-            else:
-                inputs = processor(images=split[start:stop]["image"], return_tensors="pt")
-                out = model.encode_image(pixel_values=inputs["pixel_values"].to(device))
-            outputs.append(out)
-            bar.update(stop - start)
-    return concat_image_outputs(outputs)
-
-
-@torch.no_grad()
-def encode_texts(
-    model: Any,
-    processor: Any,
-    captions: list[str],
-    batch_size: int = 64,
-    progress: bool = True,
-    text_states: Any = None,
-    first_index: int = 0,
-) -> GranAlignTextOutput:
-    """Encode `captions` in batches (padded to the longest of each batch) → one text output.
-
-    `text_states` (a frozen text tower's `TowerStates`, where `captions[i]` is item `first_index + i`)
-    skips the tower.
-    """
-    if not captions:
-        raise ValueError("no captions to encode")
-    device = _device(model)
-    outputs = []
-    with _progress(len(captions), "encode captions", progress) as bar:
-        for start in range(0, len(captions), batch_size):
-            chunk = captions[start : start + batch_size]
-            if text_states is not None:
-                first = first_index + start
-                states, mask = text_states.batch(range(first, first + len(chunk)))
-                outputs.append(
-                    model.encode_text(attention_mask=mask.to(device), text_hidden_states=states.to(device))
-                )
-            else:
-                inputs = processor(text=chunk, padding="longest", return_tensors="pt")
-                outputs.append(
-                    model.encode_text(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
-                )
-            bar.update(len(chunk))
-    return concat_text_outputs(outputs)
 
 
 def _shard(num_rows: int, rank: int, world: int) -> range:
@@ -160,9 +75,12 @@ def score_split(
         with autocast:
             image_states = None if states is None else states.images
             text_states = None if states is None else states.texts
-            images = encode_split_images(model, processor, split, rows, batch_size, show, image_states)
-            texts = encode_texts(
-                model, processor, captions[first:stop], batch_size, show, text_states, first_index=first
+            # the encode path of the gallery index, outputs left on the model's device
+            images, _ = encode_dataset_images(
+                model, processor, split, batch_size, show, None, rows=rows, image_states=image_states
+            )
+            texts = encode_captions(
+                model, processor, captions[first:stop], batch_size, show, None, text_states, first
             )
             if world > 1:
                 texts = gather_output(texts, concat_text_outputs)

@@ -19,16 +19,13 @@ from datasets import Dataset
 
 from granalign.evaluation.metrics import RECALL_KEYS
 from granalign.evaluation.protocols import PROTOCOLS, evaluate_protocol
-from granalign.evaluation.runner import caption_index, encode_split_images, encode_texts
-from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput
+from granalign.evaluation.runner import caption_index
+from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput, select_rows
+from granalign.retrieval.encode import encode_captions, encode_dataset_images
 from granalign.retrieval.matrix import two_stage_scores
 from granalign.retrieval.search import DEFAULT_SHORTLIST
 
 __all__ = ["evaluate_split_two_stage", "fold_two_stage_scores"]
-
-
-def _slice(outputs: Any, start: int, stop: int) -> Any:
-    return type(outputs)(**{name: value[start:stop] for name, value in outputs.items()})
 
 
 @torch.no_grad()
@@ -52,10 +49,18 @@ def fold_two_stage_scores(
     fold_size = num_images // num_folds
     for lo in range(0, num_images, fold_size):
         first, stop = bisect.bisect_left(text_to_image, lo), bisect.bisect_left(text_to_image, lo + fold_size)
+        fold_images, fold_texts = (
+            select_rows(images, slice(lo, lo + fold_size)),
+            select_rows(texts, slice(first, stop)),
+        )
         scores[lo : lo + fold_size, first:stop] = two_stage_scores(
-            model, _slice(images, lo, lo + fold_size), _slice(texts, first, stop),
-            shortlist=shortlist, direction=direction, shortlist_by=shortlist_by,
-        )  # fmt: skip
+            model,
+            fold_images,
+            fold_texts,
+            shortlist=shortlist,
+            direction=direction,
+            shortlist_by=shortlist_by,
+        )
     return scores
 
 
@@ -91,8 +96,8 @@ def evaluate_split_two_stage(
     was_training = model.training
     model.eval()
     try:
-        images = encode_split_images(model, processor, split, range(len(split)), batch_size, progress)
-        texts = encode_texts(model, processor, captions, batch_size, progress)
+        images, _ = encode_dataset_images(model, processor, split, batch_size, progress, output_device=None)
+        texts = encode_captions(model, processor, captions, batch_size, progress, output_device=None)
         start = time.perf_counter()
         with torch.no_grad():
             exhaustive_scores = model.score(images, texts).float().cpu()

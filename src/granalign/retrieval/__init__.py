@@ -20,6 +20,7 @@ Example:
 from granalign.retrieval.encode import (
     encode_captions,
     encode_dataset_images,
+    encode_image_states,
     encode_images,
     encode_regions,
     list_image_files,
@@ -50,6 +51,7 @@ __all__ = [
     "default_shortlist",
     "encode_captions",
     "encode_dataset_images",
+    "encode_image_states",
     "encode_images",
     "encode_regions",
     "exact_topk",

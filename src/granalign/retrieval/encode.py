@@ -1,15 +1,19 @@
-"""Encode a gallery once, in batches with a progress bar: images, precomputed regions, or captions.
+"""Encode images, precomputed regions or captions once, in batches with a progress bar: the one encode
+path, for gallery indices and for evaluation (`granalign.evaluation.runner`).
 
-Each function runs the model in eval mode (restoring its mode afterwards), moves every batch's outputs
-to the CPU as it goes (a large gallery never sits in accelerator memory) and returns one concatenated
-`GranAlignImageOutput` / `GranAlignTextOutput` whose row `i` is input `i`.
+Each function runs the model in eval mode without gradients (restoring its mode afterwards), moves every
+batch's outputs to `output_device` as it goes (default the CPU: a large gallery never sits in accelerator
+memory; `None` keeps them where the model is, as evaluation does) and returns one concatenated
+`GranAlignImageOutput` / `GranAlignTextOutput` whose row `i` is input `i`. Frozen towers' cached outputs
+(`granalign.training.tower_cache.TowerStates`, or anything with its `batch(rows) -> (states, mask)`)
+replace the towers where given.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "encode_captions",
     "encode_dataset_images",
+    "encode_image_states",
     "encode_images",
     "encode_regions",
     "list_image_files",
@@ -70,20 +75,36 @@ def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
-def _to_cpu(output: Any) -> Any:
-    return type(output)(**{name: value.cpu() for name, value in output.items()})
-
-
-def _batches(count: int, batch_size: int, description: str, progress: bool) -> Iterator[tuple[int, int]]:
+def _encode_batches(
+    model: Any,
+    count: int,
+    batch_size: int,
+    description: str,
+    progress: bool,
+    encode_batch: Callable[[int, int, torch.device, torch.dtype], Any],
+    output_device: torch.device | str | None,
+) -> Any:
+    """The encode loop: `encode_batch(start, stop, device, dtype)` for each batch of the `count` items,
+    each output moved to `output_device` (None: left where it is), concatenated."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if count == 0:
         raise ValueError(f"nothing to encode: {description} got no items")
-    with tqdm(total=count, desc=description, disable=not progress, dynamic_ncols=True) as bar:
+    device, dtype = _device_dtype(model)
+    outputs = []
+    with (
+        _eval_mode(model),
+        tqdm(total=count, desc=description, disable=not progress, dynamic_ncols=True, leave=False) as bar,
+    ):
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
-            yield start, stop
+            output = encode_batch(start, stop, device, dtype)
+            if output_device is not None:
+                output = type(output)(**{name: value.to(output_device) for name, value in output.items()})
+            outputs.append(output)
             bar.update(stop - start)
+    concat = concat_image_outputs if isinstance(outputs[0], GranAlignImageOutput) else concat_text_outputs
+    return concat(outputs)
 
 
 def _open_image(item: Any) -> Any:
@@ -95,17 +116,23 @@ def _open_image(item: Any) -> Any:
 
 
 def encode_images(
-    model: Any, processor: Any, images: Sequence[Any], batch_size: int = 32, progress: bool = True
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    batch_size: int = 32,
+    progress: bool = True,
+    output_device: torch.device | str | None = "cpu",
 ) -> GranAlignImageOutput:
-    """Encode images (PIL images, arrays, or file paths) → `GranAlignImageOutput` `[N, ...]` on CPU."""
-    device, dtype = _device_dtype(model)
-    outputs = []
-    with _eval_mode(model):
-        for start, stop in _batches(len(images), batch_size, "encode images", progress):
-            batch = [_open_image(item) for item in images[start:stop]]
-            pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
-            outputs.append(_to_cpu(model.encode_image(pixel_values=pixels.to(device, dtype))))
-    return concat_image_outputs(outputs)
+    """Encode images (PIL images, arrays, or file paths) → `GranAlignImageOutput` `[N, ...]`."""
+
+    def encode_batch(start: int, stop: int, device: torch.device, dtype: torch.dtype) -> Any:
+        batch = [_open_image(item) for item in images[start:stop]]
+        pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
+        return model.encode_image(pixel_values=pixels.to(device, dtype))
+
+    return _encode_batches(
+        model, len(images), batch_size, "encode images", progress, encode_batch, output_device
+    )
 
 
 def _pad_regions(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,71 +146,127 @@ def _pad_regions(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode_regions(
-    model: Any, regions: Sequence[Any], batch_size: int = 64, progress: bool = True
+    model: Any,
+    regions: Sequence[Any],
+    batch_size: int = 64,
+    progress: bool = True,
+    output_device: torch.device | str | None = "cpu",
 ) -> GranAlignImageOutput:
-    """Encode precomputed region features (one `[N_i, D]` array per image) → `GranAlignImageOutput` on CPU."""
-    device, dtype = _device_dtype(model)
-    outputs = []
-    with _eval_mode(model):
-        for start, stop in _batches(len(regions), batch_size, "encode regions", progress):
-            arrays = [np.asarray(item, dtype=np.float32) for item in regions[start:stop]]
-            for offset, array in enumerate(arrays):
-                if array.ndim != 2 or array.shape[0] == 0:
-                    raise ValueError(
-                        f"regions[{start + offset}] must be a non-empty [N, D] array, got {array.shape}"
-                    )
-            features, mask = _pad_regions(arrays)
-            out = model.encode_image(region_features=features.to(device, dtype), region_mask=mask.to(device))
-            outputs.append(_to_cpu(out))
-    return concat_image_outputs(outputs)
+    """Encode precomputed region features (one `[N_i, D]` array per image) → `GranAlignImageOutput`."""
+
+    def encode_batch(start: int, stop: int, device: torch.device, dtype: torch.dtype) -> Any:
+        arrays = [np.asarray(item, dtype=np.float32) for item in regions[start:stop]]
+        for offset, array in enumerate(arrays):
+            if array.ndim != 2 or array.shape[0] == 0:
+                raise ValueError(
+                    f"regions[{start + offset}] must be a non-empty [N, D] array, got {array.shape}"
+                )
+        features, mask = _pad_regions(arrays)
+        return model.encode_image(region_features=features.to(device, dtype), region_mask=mask.to(device))
+
+    return _encode_batches(
+        model, len(regions), batch_size, "encode regions", progress, encode_batch, output_device
+    )
+
+
+def encode_image_states(
+    model: Any,
+    image_states: Any,
+    rows: range,
+    batch_size: int = 64,
+    progress: bool = True,
+    output_device: torch.device | str | None = "cpu",
+) -> GranAlignImageOutput:
+    """Encode images `rows` from a frozen vision tower's cached outputs (`image_states.batch(rows)`)."""
+
+    def encode_batch(start: int, stop: int, device: torch.device, dtype: torch.dtype) -> Any:
+        states, _ = image_states.batch(rows[start:stop])
+        return model.encode_image(vision_hidden_states=states.to(device))
+
+    return _encode_batches(
+        model, len(rows), batch_size, "encode images", progress, encode_batch, output_device
+    )
 
 
 def encode_captions(
-    model: Any, processor: Any, captions: Sequence[str], batch_size: int = 64, progress: bool = True
+    model: Any,
+    processor: Any,
+    captions: Sequence[str],
+    batch_size: int = 64,
+    progress: bool = True,
+    output_device: torch.device | str | None = "cpu",
+    text_states: Any = None,
+    first_index: int = 0,
 ) -> GranAlignTextOutput:
-    """Encode captions (each batch padded to its longest) → `GranAlignTextOutput` `[N, ...]` on CPU."""
-    device, _ = _device_dtype(model)
-    outputs = []
-    with _eval_mode(model):
-        for start, stop in _batches(len(captions), batch_size, "encode captions", progress):
-            inputs = processor(text=list(captions[start:stop]), padding="longest", return_tensors="pt")
-            out = model.encode_text(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
-            outputs.append(_to_cpu(out))
-    return concat_text_outputs(outputs)
+    """Encode captions (each batch padded to its longest) → `GranAlignTextOutput` `[N, ...]`.
+
+    `text_states` (a frozen text tower's cached outputs, where `captions[i]` is item `first_index + i`)
+    skips the tower; the processor is then not used.
+    """
+
+    def encode_batch(start: int, stop: int, device: torch.device, dtype: torch.dtype) -> Any:
+        if text_states is not None:
+            states, mask = text_states.batch(range(first_index + start, first_index + stop))
+            return model.encode_text(attention_mask=mask.to(device), text_hidden_states=states.to(device))
+        inputs = processor(text=list(captions[start:stop]), padding="longest", return_tensors="pt")
+        return model.encode_text(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+
+    return _encode_batches(
+        model, len(captions), batch_size, "encode captions", progress, encode_batch, output_device
+    )
 
 
 def encode_dataset_images(
-    model: Any, processor: Any, split: Any, batch_size: int = 32, progress: bool = True
+    model: Any,
+    processor: Any,
+    split: Any,
+    batch_size: int = 32,
+    progress: bool = True,
+    output_device: torch.device | str | None = "cpu",
+    rows: range | None = None,
+    image_states: Any = None,
 ) -> tuple[GranAlignImageOutput, list[str]]:
     """Encode the images (`image` column) or regions (`region_features`) of a `datasets.Dataset` split.
 
-    Returns the outputs and the item ids (the `image_id` column, else the row numbers as strings).
+    `rows` (default all) encodes a contiguous block of the split; `image_states` (a frozen vision tower's
+    cached outputs for the split's rows) skips the tower. Returns the outputs and the item ids (the
+    `image_id` column, else the row numbers as strings) of those rows.
     """
+    rows = range(len(split)) if rows is None else rows
     columns = split.column_names
-    ids = (
-        [str(v) for v in split["image_id"]] if "image_id" in columns else [str(i) for i in range(len(split))]
-    )
+    if "image_id" in columns:
+        ids = [str(v) for v in split.select_columns(["image_id"])[rows.start : rows.stop]["image_id"]]
+    else:
+        ids = [str(i) for i in rows]
+    if image_states is not None:
+        outputs = encode_image_states(model, image_states, rows, batch_size, progress, output_device)
+        return outputs, ids
     if "region_features" in columns:
         table = split.with_format("numpy", columns=["region_features"])
-        regions = _LazyColumn(table, "region_features")
-        return encode_regions(model, regions, batch_size, progress), ids
+        regions = _LazyColumn(table, "region_features", rows)
+        return encode_regions(model, regions, batch_size, progress, output_device), ids
     if "image" not in columns:
         raise ValueError(
             f"the split has neither an 'image' nor a 'region_features' column (columns: {columns})"
         )
-    return encode_images(model, processor, _LazyColumn(split, "image"), batch_size, progress), ids
+    images = _LazyColumn(split, "image", rows)
+    return encode_images(model, processor, images, batch_size, progress, output_device), ids
 
 
 class _LazyColumn(Sequence):
-    """A dataset column read batch by batch (slices only), so a large split is never decoded at once."""
+    """A dataset column over `rows`, read batch by batch (slices only), so a large split is never decoded
+    at once."""
 
-    def __init__(self, table: Any, column: str) -> None:
-        self.table, self.column = table, column
+    def __init__(self, table: Any, column: str, rows: range) -> None:
+        self.table, self.column, self.rows = table, column, rows
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.rows)
 
     def __getitem__(self, item: Any) -> Any:
         if isinstance(item, slice):
-            return list(self.table[item][self.column])
-        return self.table[int(item)][self.column]
+            part = self.rows[item]
+            if part.step != 1:
+                raise ValueError("a lazy dataset column reads contiguous slices only")
+            return list(self.table[part.start : part.stop][self.column])
+        return self.table[self.rows[int(item)]][self.column]

@@ -49,6 +49,10 @@ _FIELDS = {
     "image": ("tokens", "token_mask", "keep_weights", "region_tokens", "image_embeds"),
     "text": ("tokens", "token_mask", "keep_weights", "text_embeds"),
 }
+#: Fields a model variant may lack: images of a model without region prompting have no region tokens
+#: (such an index says so in its header, `"region_tokens": "absent"`, and searches without that level).
+_OPTIONAL = {"region_tokens"}
+_ABSENT = "absent"
 _REQUIRED_META = ("ids", "model_fingerprint", "dtype")
 _OUTPUT_TYPES = {"image": GranAlignImageOutput, "text": GranAlignTextOutput}
 _CONCAT = {"image": concat_image_outputs, "text": concat_text_outputs}
@@ -106,11 +110,18 @@ def _check_consistent(fields: dict[str, torch.Tensor], modality: str) -> None:
         raise ValueError(f"the {modality} index's token_mask must hold only 0 and 1")
 
 
+def _present(fields: Any, modality: str) -> tuple[str, ...]:
+    """The stored fields of `modality` that `fields` (outputs, or a file's tensor names) hold."""
+    return tuple(name for name in _FIELDS[modality] if name not in _OPTIONAL or name in fields)
+
+
 def _storable(outputs: Any, modality: str, dtype: torch.dtype) -> Any:
     """Keep the scoring fields, on CPU, floats in `dtype` and masks as uint8, after checking them."""
     fields = {}
     for name in _FIELDS[modality]:
         value = getattr(outputs, name, None)
+        if value is None and name in _OPTIONAL:
+            continue
         if value is None:
             raise ValueError(f"the {modality} outputs lack {name!r}, which the index needs")
         fields[name] = value.detach().cpu()
@@ -204,6 +215,12 @@ class GalleryIndex:
         if modality != self.modality:
             raise ValueError(f"cannot add {modality} items to an index of {self.modality}s")
         new = _storable(outputs, modality, STORAGE_DTYPES[self.dtype_name])
+        have, adding = _present(self.outputs, modality), _present(new, modality)
+        if have != adding:
+            raise ValueError(
+                f"the new items store {list(adding)} but this index stores {list(have)}: items of one index "
+                "must come from one model"
+            )
         self._extend_ids(ids, texts, new.tokens.shape[0])
         self.outputs = _CONCAT[modality]([self.outputs, new])
         self._shortlist = None
@@ -262,13 +279,18 @@ class GalleryIndex:
         }
         if self.texts is not None:
             meta["texts"] = json.dumps(self.texts)
+        for name in _OPTIONAL.intersection(_FIELDS[self.modality]):
+            if getattr(self.outputs, name) is None:
+                meta[name] = _ABSENT
         return meta
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to `path` (one safetensors file), atomically (write a temp file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self.outputs, name).contiguous() for name in _FIELDS[self.modality]}
+        tensors = {
+            name: getattr(self.outputs, name).contiguous() for name in _present(self.outputs, self.modality)
+        }
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(handle)
         try:
@@ -310,12 +332,11 @@ class GalleryIndex:
                 raise ValueError(
                     f"{str(path)!r}: unknown index modality {modality!r}; expected image or text"
                 )
-            missing = [
-                name for name in (*_FIELDS[modality], *_REQUIRED_META) if name not in {*handle.keys(), *meta}
-            ]
+            stored = [name for name in _FIELDS[modality] if meta.get(name) != _ABSENT]
+            missing = [name for name in (*stored, *_REQUIRED_META) if name not in {*handle.keys(), *meta}]
             if missing:
                 raise ValueError(f"{str(path)!r} is a damaged gallery index: it lacks {missing}")
-            fields = {name: handle.get_tensor(name) for name in _FIELDS[modality]}
+            fields = {name: handle.get_tensor(name) for name in stored}
         try:
             ids = json.loads(meta["ids"])
             texts = json.loads(meta["texts"]) if "texts" in meta else None

@@ -64,14 +64,20 @@ def shortlist_pairs(
     """The pairs `two_stage_scores` scores, as sorted linear indices `image * N_txt + text` `[P]`."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
-    check_shortlist_source(shortlist_by)
+    check_shortlist_source(shortlist_by, image_outputs)
     if shortlist < 1:
         raise ValueError(f"shortlist must be >= 1, got {shortlist}")
     num_images, num_texts = image_outputs.tokens.shape[0], text_outputs.tokens.shape[0]
     image_embeds, text_embeds = image_outputs.image_embeds, text_outputs.text_embeds
     if shortlist_by == "regions":
-        slope = getattr(model, "config", model).similarity_negative_slope
-        coarse = region_level_scores(image_outputs, text_outputs, slope, dtype=dtype).cpu()
+        config = getattr(model, "config", model)
+        coarse = region_level_scores(
+            image_outputs,
+            text_outputs,
+            config.similarity_negative_slope,
+            dtype=dtype,
+            pooling=config.similarity_pooling,
+        ).cpu()
     else:
         coarse = None  # the embeddings' top-k is taken per direction below
     linear = []

@@ -1,16 +1,16 @@
-"""Fine-grained GRM scores of chosen (image, caption) pairs only: the gathered variant of the kernel.
+"""Fine-grained GRM scores of chosen (image, caption) pairs only: the gathered layout of the one kernel.
 
 `GranAlignModel.score` scores every image against every caption (an outer product of chunks). A
 two-stage search only needs the shortlisted pairs, `P ≪ N_img · N_txt`. Here:
 
 1. the items the pairs refer to are coded once (`code_images` / `code_texts` of `scoring_granalign`:
-   unit tokens plus the two masking coordinates), unique items only;
+   unit tokens plus the two masking coordinates), unique items only, padding columns dropped;
 2. the pairs are grouped by image into *segments* (one image, up to `pair_chunk_size` of its captions),
    and segments of similar length are stacked into blocks of `B` images × `n` caption slots
    (`B · n ≤ pair_chunk_size`; short segments repeat their last caption, whose scores are dropped);
-3. one batched matrix product per block gives the cosines `[B, L_v, n, L_t]` of every image with its
-   own captions — the chunk kernel's layout, with captions that differ per image — pooled by
-   `pooled_similarity` itself, with per-image caption weights `[B, n, L_t]`.
+3. each block is scored by `scoring_granalign.level_similarities` itself, with the captions in its
+   per-image layout `[B, n, L_t, ...]` (one batched product per block), so every level, pooling and
+   model variant is the model's own; `combine_levels` turns the levels into the score.
 
 A shortlist (one caption query, many candidate images; one image query, many captions; a score matrix
 restricted to shortlisted pairs) thus costs one product per block, and the image side is never copied
@@ -23,66 +23,34 @@ from typing import Any
 
 import torch
 
-from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput
-from granalign.scoring_granalign import CodedImages, CodedTexts, code_images, code_texts, pooled_similarity
+from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput, select_rows
+from granalign.scoring_granalign import (
+    CodedTexts,
+    code_images,
+    code_texts,
+    combine_levels,
+    global_similarities,
+    level_similarities,
+)
 
-__all__ = ["block_level_similarities", "combine_levels", "pair_level_scores", "pair_scores", "trim_padding"]
+__all__ = ["pair_level_scores", "pair_scores"]
 
-
-def block_level_similarities(images: CodedImages, texts: CodedTexts, negative_slope: float) -> torch.Tensor:
-    """The three GRM levels of image `b` with each of its own `n` captions → `[3, B, n]` float32.
-
-    `images` holds `B` coded images; `texts` holds `B · n` coded captions, image `b`'s at `b·n … b·n + n−1`.
-    """
-    num_images, length_v, dim = images.tokens.shape
-    if texts.tokens.shape[0] % num_images:
-        raise ValueError(f"{texts.tokens.shape[0]} captions cannot be split evenly over {num_images} images")
-    slots, length_t = texts.tokens.shape[0] // num_images, texts.tokens.shape[1]
-    text_tokens = texts.tokens.reshape(num_images, slots * length_t, dim).transpose(1, 2)  # [B, d + 2, n·L_t]
-
-    def per_image(field: torch.Tensor) -> torch.Tensor:
-        return field.reshape(num_images, slots, length_t)
-
-    cosine = torch.bmm(images.tokens, text_tokens).view(num_images, length_v, slots, length_t)
-    original = pooled_similarity(cosine, images.valid, per_image(texts.valid), negative_slope)
-    text_weights, text_scales = per_image(texts.weights), per_image(texts.scales)
-    key = pooled_similarity(cosine, images.weights, text_weights, negative_slope, images.scales, text_scales)
-    del cosine
-    region_cosine = torch.bmm(images.regions, text_tokens).view(num_images, -1, slots, length_t)
-    region_weights = torch.ones(region_cosine.shape[:2], device=region_cosine.device)
-    uncertainty = pooled_similarity(
-        region_cosine, region_weights, text_weights, negative_slope, text_scales=text_scales
-    )
-    return torch.stack([original, key, uncertainty])
-
-
-def trim_padding(mask: torch.Tensor) -> int:
-    """Token length `L' ≤ L` that drops the trailing columns of `mask` `[B, L]` where every row is padding."""
-    used = mask.ne(0).any(0).nonzero()
-    return int(used.max()) + 1 if used.numel() else 1
+# The fields a score reads (the re-rank copies only these to the scoring device).
+_SCORED = ("tokens", "token_mask", "keep_weights", "region_tokens")
 
 
 def _code_rows(outputs: Any, rows: torch.Tensor, dtype: torch.dtype | None, device: Any) -> Any:
     """Code the items at `rows` of image or text outputs (in that order), trailing padding dropped."""
-    rows = rows.to(outputs.tokens.device)
-    mask = outputs.token_mask[rows]
-    length = trim_padding(mask)
-
-    def take(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[:, :length][rows].to(device)
-
+    part = select_rows(outputs, rows, device, names=_SCORED)
     if isinstance(outputs, GranAlignImageOutput):
-        regions = outputs.region_tokens[rows].to(device)
-        return code_images(
-            take(outputs.tokens), mask[:, :length].to(device), take(outputs.keep_weights), regions, dtype
-        )
-    return code_texts(take(outputs.tokens), mask[:, :length].to(device), take(outputs.keep_weights), dtype)
+        return code_images(part.tokens, part.token_mask, part.keep_weights, part.region_tokens, dtype)
+    return code_texts(part.tokens, part.token_mask, part.keep_weights, dtype)
 
 
-def _select(coded: Any, positions: torch.Tensor) -> Any:
+def _select(coded: Any, positions: Any) -> Any:
     """Rows `positions` of every field of a `CodedImages` / `CodedTexts` (advanced indexing: on CPU it is
     much faster than `index_select` for 3-D tensors)."""
-    return type(coded)(*(field[positions] for field in coded))
+    return type(coded)(*(None if field is None else field[positions] for field in coded))
 
 
 def _check_index(index: torch.Tensor, size: int, name: str) -> torch.Tensor:
@@ -122,8 +90,10 @@ def pair_level_scores(
     pair_chunk_size: int = 1024,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    pooling: str = "token_max",
 ) -> torch.Tensor:
-    """The three GRM levels of the pairs `(image_index[p], text_index[p])` → `[3, P]` float32.
+    """The three GRM levels of the pairs `(image_index[p], text_index[p])` → `[3, P]` float32; equals
+    `model.level_scores(...)[:, image_index, text_index]` (uncertainty 0 for images without regions).
 
     Args:
         image_outputs, text_outputs: encoded images `[N_img, ...]` and captions `[N_txt, ...]` (any device).
@@ -131,6 +101,7 @@ def pair_level_scores(
         pair_chunk_size: pairs per batched product; peak memory ~ `pair_chunk_size · L_v · L_t` cosines.
         dtype: precision of the token products (as in `GranAlignModel.level_scores`).
         device: where to compute (default: the device of `image_outputs.tokens`).
+        pooling: the model's `similarity_pooling` ("token_max" or "mean").
     """
     if pair_chunk_size < 1:
         raise ValueError(f"pair_chunk_size must be >= 1, got {pair_chunk_size}")
@@ -156,21 +127,13 @@ def pair_level_scores(
         block = slice(first, first + max(1, pair_chunk_size // slots))
         offsets = torch.minimum(torch.arange(slots), lengths[block, None] - 1)  # [B, n], repeats the last
         pairs = order[starts[block, None] + offsets]  # [B, n] pair positions
-        levels = block_level_similarities(
-            CodedImages(*(field[block] for field in images)),
-            _select(texts, text_pos[pairs.flatten()].to(device)),
-            negative_slope,
-        )
+        block_texts = _select(texts, text_pos[pairs.flatten()].to(device))  # [B · n, ...]
+        per_image = CodedTexts(*(f.view(pairs.shape[0], slots, *f.shape[1:]) for f in block_texts))
+        levels = level_similarities(_select(images, block), per_image, negative_slope, pooling)
         real = torch.arange(slots) < lengths[block, None]
         scores[:, pairs[real].to(device)] = levels[:, real.to(device)]
         first = block.stop
     return scores
-
-
-def combine_levels(levels: torch.Tensor, level_weights: Any) -> torch.Tensor:
-    """`a·S_ori + b·S_key + c·S_unc` of `[3, ...]` levels with the config's `level_weights` `(a, b, c)`."""
-    weights = torch.as_tensor(list(level_weights), dtype=levels.dtype, device=levels.device)
-    return torch.einsum("l,l...->...", weights, levels)
 
 
 def pair_scores(
@@ -185,7 +148,8 @@ def pair_scores(
 ) -> torch.Tensor:
     """GRM scores `[P]` of the given pairs; equals `model.score(...)[image_index, text_index]`.
 
-    `model` is a `GranAlignModel` or its config (only `level_weights` and `similarity_negative_slope` are read).
+    `model` is a `GranAlignModel` or its config (the similarity settings, level weights and global level
+    weight are read from it).
     """
     config = getattr(model, "config", model)
     levels = pair_level_scores(
@@ -197,11 +161,13 @@ def pair_scores(
         pair_chunk_size,
         dtype,
         device,
+        config.similarity_pooling,
     )
-    scores = combine_levels(levels, config.level_weights)
-    global_weight = getattr(config, "global_level_weight", 0.0)
-    if global_weight > 0:  # the global level: cosines of the unit global embeddings of each pair
-        image = image_outputs.image_embeds[image_index.to(image_outputs.image_embeds.device)]
-        text = text_outputs.text_embeds[text_index.to(text_outputs.text_embeds.device)]
-        scores = scores + global_weight * (image * text).sum(-1).float().to(scores.device)
-    return scores
+
+    def global_cosines() -> torch.Tensor:  # the global level: cosines of each pair's unit embeddings
+        image, text = image_outputs.image_embeds, text_outputs.text_embeds
+        rows = torch.as_tensor(image_index, dtype=torch.long).flatten().to(image.device)
+        columns = torch.as_tensor(text_index, dtype=torch.long).flatten().to(text.device)
+        return global_similarities(image[rows], text[columns].to(image.device), paired=True)
+
+    return combine_levels(levels, config, global_cosines)

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput
+from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput, select_rows
 from granalign.retrieval.index import GalleryIndex
-from granalign.retrieval.rerank import pair_scores, trim_padding
+from granalign.retrieval.rerank import pair_scores
 from granalign.retrieval.shortlist import (
     EmbeddingShortlist,
     check_shortlist_source,
@@ -78,18 +78,6 @@ class SearchResult:
         return records
 
 
-def _rows(outputs: Outputs, start: int, stop: int, device: Any = None) -> Outputs:
-    """Items `start:stop` of `outputs`, trailing padding columns dropped, on `device`."""
-    length = trim_padding(outputs.token_mask[start:stop])
-    fields = {}
-    for name, value in outputs.items():
-        value = value[start:stop]
-        if name in ("tokens", "token_mask", "keep_weights", "spatial_mask", "region_attention"):
-            value = value[:, :length]
-        fields[name] = value.to(device) if device is not None else value
-    return type(outputs)(**fields)
-
-
 def _check_roles(gallery: Outputs, queries: Outputs) -> None:
     if isinstance(gallery, GranAlignImageOutput) and isinstance(queries, GranAlignTextOutput):
         return
@@ -115,11 +103,11 @@ def _streaming_topk(
     if k < 1 or gallery_chunk_size < 1:
         raise ValueError(f"k and gallery_chunk_size must be >= 1, got {k} and {gallery_chunk_size}")
     num_items, num_queries = gallery.tokens.shape[0], queries.tokens.shape[0]
-    queries = _rows(queries, 0, num_queries, device)
+    queries = select_rows(queries, slice(0, num_queries), device)
     best_scores = torch.empty((num_queries, 0))
     best_rows = torch.empty((num_queries, 0), dtype=torch.long)
     for start in tqdm(range(0, num_items, gallery_chunk_size), desc=description, disable=not progress):
-        block = _rows(gallery, start, start + gallery_chunk_size, device)
+        block = select_rows(gallery, slice(start, start + gallery_chunk_size), device)
         scores = torch.cat([best_scores, score_block(block, queries).float().cpu()], dim=1)
         rows = torch.cat(
             [best_rows, torch.arange(start, start + block.tokens.shape[0]).expand(num_queries, -1)], dim=1
@@ -167,12 +155,14 @@ def region_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k by the region level `S_unc` only (the default first stage): scores, rows `[Q, min(k, N)]`."""
     _check_roles(gallery, queries)
-    slope = getattr(model, "config", model).similarity_negative_slope
+    check_shortlist_source("regions", _images(gallery, queries))
+    config = getattr(model, "config", model)
+    similarity = dict(negative_slope=config.similarity_negative_slope, pooling=config.similarity_pooling)
 
     def score_block(block: Outputs, query: Outputs) -> torch.Tensor:
         if isinstance(block, GranAlignImageOutput):
-            return region_level_scores(block, query, slope, dtype=dtype).t()
-        return region_level_scores(query, block, slope, dtype=dtype)
+            return region_level_scores(block, query, dtype=dtype, **similarity).t()
+        return region_level_scores(query, block, dtype=dtype, **similarity)
 
     device = torch.device(device) if device is not None else queries.tokens.device
     return _streaming_topk(score_block, gallery, queries, k, gallery_chunk_size, device)
@@ -190,6 +180,10 @@ def _rerank(
     if isinstance(gallery, GranAlignImageOutput):
         return pair_scores(model, gallery, queries, item_rows, query_rows, **kwargs).cpu()
     return pair_scores(model, queries, gallery, query_rows, item_rows, **kwargs).cpu()
+
+
+def _images(gallery: Outputs, queries: Outputs) -> GranAlignImageOutput:
+    return gallery if isinstance(gallery, GranAlignImageOutput) else queries
 
 
 def _embeds(outputs: Outputs) -> torch.Tensor:
@@ -227,7 +221,7 @@ def two_stage_topk(
     Returns scores and gallery rows `[Q, min(k, N)]` (CPU).
     """
     _check_roles(gallery, queries)
-    check_shortlist_source(shortlist_by)
+    check_shortlist_source(shortlist_by, _images(gallery, queries))
     shortlist = default_shortlist(queries) if shortlist is None else shortlist
     if k < 1 or shortlist < 1:
         raise ValueError(f"k and shortlist must be >= 1, got {k} and {shortlist}")

@@ -4,7 +4,8 @@ Two first stages (`SHORTLIST_SOURCES`):
 
 * ``"regions"``: the region level of GRM, `S_unc = sim(T̂, U)`, caption tokens against each image's K
   region tokens, for every pair (`region_level_scores`). It is one of the three levels the model is
-  trained on and costs about `K / (L_v + K)` of the full score (2.5 % for ViT-B/16 with K = 5).
+  trained on and costs about `K / (L_v + K)` of the full score (2.5 % for ViT-B/16 with K = 5). A
+  model without region prompting has no region level: this first stage refuses its images.
 * ``"embeddings"``: inner product of the global embeddings (`get_image_features` / `get_text_features`,
   unit vectors) — `EmbeddingShortlist`, sub-linear with FAISS. GRM's loss does not train these
   embeddings (they are means of the tokens), so their shortlists recall less (benchmarks/README.md).
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from granalign.scoring_granalign import code_images, code_texts, pooled_similarity
+from granalign.scoring_granalign import chunked_region_similarities, code_regions, code_texts
 
 __all__ = [
     "BACKENDS",
@@ -49,10 +50,22 @@ FAISS_MIN_ITEMS = 100_000
 _INDEX_NAME = "embeds"
 
 
-def check_shortlist_source(shortlist_by: str) -> None:
-    """Raise `ValueError` unless `shortlist_by` is one of `SHORTLIST_SOURCES`."""
+def check_shortlist_source(shortlist_by: str, image_outputs: Any = None) -> None:
+    """Raise `ValueError` unless `shortlist_by` is one of `SHORTLIST_SOURCES` and, given the image side,
+    the images have what it needs (region tokens for ``"regions"``)."""
     if shortlist_by not in SHORTLIST_SOURCES:
         raise ValueError(f"unknown shortlist source {shortlist_by!r}; expected one of {SHORTLIST_SOURCES}")
+    if shortlist_by == "regions" and image_outputs is not None:
+        _require_regions(image_outputs)
+
+
+def _require_regions(image_outputs: Any) -> None:
+    if getattr(image_outputs, "region_tokens", None) is None:
+        raise ValueError(
+            "the 'regions' first stage ranks by the region level, but these images have no region tokens "
+            "(a model with use_region_prompting=False): use shortlist_by='embeddings' "
+            "(--shortlist-by embeddings) or the exhaustive mode"
+        )
 
 
 def faiss_available() -> bool:
@@ -99,35 +112,21 @@ def region_level_scores(
     image_chunk_size: int = 64,
     text_chunk_size: int = 1024,
     dtype: torch.dtype | None = None,
+    pooling: str = "token_max",
 ) -> torch.Tensor:
-    """The region (uncertainty) level `[N_img, N_txt]` of every pair; equals `model.level_scores(...)[2]`.
+    """The region (uncertainty) level `[N_img, N_txt]` of every pair; equals `model.level_scores(...)[2]`
+    (pass the model's `similarity_negative_slope` and `similarity_pooling`).
 
-    Uses only `region_tokens` `[N_img, K, d]` of the images and the caption tokens; chunked so memory is
-    `image_chunk_size · K · text_chunk_size · L_t` cosines.
+    Uses only `region_tokens` `[N_img, K, d]` of the images and the caption tokens
+    (`scoring_granalign.chunked_region_similarities`); memory is `image_chunk_size · K · text_chunk_size
+    · L_t` cosines. Images without region tokens are refused.
     """
-    regions = image_outputs.region_tokens
-    ones = torch.ones(regions.shape[:2], device=regions.device)
-    images = code_images(regions, ones, ones, regions, dtype)  # only `.regions` is used
+    _require_regions(image_outputs)
+    images = code_regions(image_outputs.region_tokens, dtype)
     texts = code_texts(text_outputs.tokens, text_outputs.token_mask, text_outputs.keep_weights, dtype)
-    num_images, num_regions, dim = images.regions.shape
-    num_texts, length = texts.tokens.shape[:2]
-    scores = torch.empty((num_images, num_texts), dtype=torch.float32, device=regions.device)
-    for i in range(0, num_images, image_chunk_size):
-        block = images.regions[i : i + image_chunk_size]
-        flat = block.reshape(-1, dim)
-        for j in range(0, num_texts, text_chunk_size):
-            tokens = texts.tokens[j : j + text_chunk_size]
-            cosine = (flat @ tokens.reshape(-1, dim).t()).view(
-                block.shape[0], num_regions, tokens.shape[0], length
-            )
-            scores[i : i + image_chunk_size, j : j + text_chunk_size] = pooled_similarity(
-                cosine,
-                ones[: block.shape[0]],
-                texts.weights[j : j + text_chunk_size],
-                negative_slope,
-                text_scales=texts.scales[j : j + text_chunk_size],
-            )
-    return scores
+    return chunked_region_similarities(
+        images, texts, negative_slope, pooling, image_chunk_size, text_chunk_size
+    )
 
 
 class EmbeddingShortlist:

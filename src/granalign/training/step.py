@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from granalign.distributed import gather_output, gather_tensor, world_size
 from granalign.modeling_granalign import GranAlignModel, concat_image_outputs, concat_text_outputs
-from granalign.training.distributed import gather_output, gather_tensor, world_size
 
 __all__ = ["ContrastiveStep"]
 

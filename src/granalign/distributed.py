@@ -1,5 +1,9 @@
 """Gather token-level model outputs across processes, keeping gradients for the local slice.
 
+Used by training (the global-batch loss) and by evaluation (sharded scoring): it sits below both, so
+neither imports the other for it (the package's folders depend one way: training → evaluation →
+retrieval → the model files and this module).
+
 With data parallelism each process encodes its own batch; the GRM loss wants every process's images and
 captions as negatives. `gather_output` all-gathers every tensor field of a `GranAlignImageOutput` /
 `GranAlignTextOutput` (batch sizes and token lengths may differ between processes: tensors are padded
