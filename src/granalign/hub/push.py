@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,22 +222,18 @@ def push_directory(
         return info, (*names, *ENDPOINT_FILES, "README.md"), tuple(stale), branch
 
 
-def hub_connection(endpoint: str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def hub_connection(endpoint: str) -> Iterator[None]:
     """Turn a transport failure (refused connection, DNS, timeout: httpx errors, not `OSError`) into an
     `OSError` that names the endpoint, instead of a traceback from deep inside the HTTP client."""
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except HfHubHTTPError:
-            raise  # the Hub answered: its own message is already clear
-        except Exception as error:
-            if type(error).__module__.split(".")[0] not in _TRANSPORT_MODULES:
-                raise
-            raise OSError(f"could not reach the Hub at {endpoint}: {error}") from None
-
-    return guard()
+    try:
+        yield
+    except HfHubHTTPError:
+        raise  # the Hub answered: its own message is already clear
+    except Exception as error:
+        if type(error).__module__.split(".")[0] not in _TRANSPORT_MODULES:
+            raise
+        raise OSError(f"could not reach the Hub at {endpoint}: {error}") from None
 
 
 _TRANSPORT_MODULES = {"httpx", "httpx2", "httpcore", "requests", "urllib3"}

@@ -28,6 +28,7 @@ from granalign.outputs_granalign import (
     concat_image_outputs,
     concat_text_outputs,
 )
+from granalign.processing_granalign import _pad_regions
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -135,16 +136,6 @@ def encode_images(
     )
 
 
-def _pad_regions(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(array.shape[0] for array in arrays)
-    features = torch.zeros(len(arrays), longest, arrays[0].shape[1])
-    mask = torch.zeros(len(arrays), longest, dtype=torch.long)
-    for row, array in enumerate(arrays):
-        features[row, : array.shape[0]] = torch.from_numpy(array)
-        mask[row, : array.shape[0]] = 1
-    return features, mask
-
-
 def encode_regions(
     model: Any,
     regions: Sequence[Any],
@@ -161,7 +152,7 @@ def encode_regions(
                 raise ValueError(
                     f"regions[{start + offset}] must be a non-empty [N, D] array, got {array.shape}"
                 )
-        features, mask = _pad_regions(arrays)
+        features, mask = map(torch.from_numpy, _pad_regions(arrays))  # the processor's padding
         return model.encode_image(region_features=features.to(device, dtype), region_mask=mask.to(device))
 
     return _encode_batches(
