@@ -72,19 +72,16 @@ def test_text_and_image_caches_hold_the_tower_outputs_and_are_keyed_by_weights(t
     states, mask = cache.batch(range(10))
     torch.testing.assert_close(mask, inputs["attention_mask"][:, : mask.shape[1]])
     torch.testing.assert_close(states * mask[..., None], expected[:, : mask.shape[1]] * mask[..., None])
-    # the same request reads the cache; a changed tower or caption list gets its own
-    assert (
-        cache_text_states(model, processor, captions, tmp_path, "float32", progress=False).path == cache.path
-    )
-    assert (
-        cache_text_states(model, processor, captions[:9], tmp_path, "float32", progress=False).path
-        != cache.path
-    )
+    assert cache.encoded == 10
+    # the same items read the store (any subset, any order); a changed tower gets its own store
+    again = cache_text_states(model, processor, captions[::-1], tmp_path, "float32", progress=False)
+    assert again.path == cache.path and again.encoded == 0
+    torch.testing.assert_close(again.batch(range(10))[0][:, : states.shape[1]], states.flip(0))
+    assert cache_text_states(model, processor, captions[:9], tmp_path, "float32", progress=False).encoded == 0
     with torch.no_grad():
         model.text_model.embeddings.word_embeddings.weight[5] += 1
-    assert (
-        cache_text_states(model, processor, captions, tmp_path, "float32", progress=False).path != cache.path
-    )
+    changed = cache_text_states(model, processor, captions, tmp_path, "float32", progress=False)
+    assert changed.path != cache.path and changed.encoded == 10
 
     images = cache_image_states(model, processor, split, tmp_path, dtype="float16", progress=False)
     pixels = processor(images=split[:4]["image"], return_tensors="pt")["pixel_values"]
@@ -94,6 +91,38 @@ def test_text_and_image_caches_hold_the_tower_outputs_and_are_keyed_by_weights(t
     assert bool(mask.all()) and got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)  # float16 storage
     assert not list(Path(tmp_path).glob(".tmp-*"))  # written atomically, no leftovers
+
+
+def test_splits_sharing_items_encode_only_new_ones_and_read_across_shards(tmp_path, micro_splits) -> None:
+    recipe, split = micro_splits
+    processor = build_processor(recipe.model, split)
+    model = tiny_model("vit").eval()
+    model.text_model.resize_token_embeddings(len(processor.tokenizer))
+    first = cache_image_states(model, processor, split.select(range(4)), tmp_path, "float32", progress=False)
+    both = cache_image_states(
+        model, processor, split.select(range(2, 7)), tmp_path, "float32", progress=False
+    )
+    assert (first.encoded, both.encoded) == (4, 3)  # rows 2 and 3 come from the first shard
+    assert len(set(both.shard_of.tolist())) == 2
+    pixels = processor(images=split[2:7]["image"], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model.vision_tower_states(pixels)
+    got, mask = both.batch([4, 0, 1, 3])
+    torch.testing.assert_close(got, expected[[4, 0, 1, 3]], atol=1e-5, rtol=1e-5)
+    assert bool(mask.all())
+    captions = ["a red apple", "two dogs on grass", "a red apple"]
+    texts = cache_text_states(model, processor, captions, tmp_path, "float32", progress=False)
+    assert texts.encoded == 2  # identical captions are one item
+    more = cache_text_states(model, processor, ["a cat", *captions], tmp_path, "float32", progress=False)
+    assert more.encoded == 1
+    states, mask = more.batch([1, 0, 3])  # shards of different widths, padded to the longest item
+    alone = processor(text=["a red apple", "a cat"], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        direct = model.text_tower_states(alone["input_ids"], alone["attention_mask"])
+    torch.testing.assert_close(mask[:2, : alone["attention_mask"].shape[1]], alone["attention_mask"])
+    torch.testing.assert_close(states[0, : int(mask[0].sum())], direct[0, : int(mask[0].sum())])
+    torch.testing.assert_close(states[1, : int(mask[1].sum())], direct[1, : int(mask[1].sum())])
+    assert torch.equal(states[0], states[2]) and not list(Path(tmp_path).rglob(".tmp-*"))
 
 
 def test_training_on_frozen_towers_leaves_them_unchanged_and_skips_their_augmentation(

@@ -4,11 +4,13 @@ With `model.freeze_vision_tower` / `model.freeze_text_tower` a tower's output fo
 so it is computed once (without augmentation, in eval mode) and training runs only the GRM parts on top:
 `encode_image(vision_hidden_states=...)` / `encode_text(text_hidden_states=..., attention_mask=...)`.
 
-A cache lives in `<cache_dir>/<kind>-<fingerprint>/` (`states.npy` `[N, L, h]`, `lengths.npy` `[N]`,
-`info.json`), written to a temporary folder and renamed, so a killed run never leaves a half cache. The
-fingerprint hashes the tower's weights, the preprocessing (tokenizer vocabulary and length, or the image
-processor's settings), the items (the captions, or the split's `datasets` fingerprint) and the storage
-dtype: a changed tower, processor or dataset never reads a stale cache.
+The cache is a per-item store: `<cache_dir>/<kind>-<fingerprint>/shard-*/` (`states.npy` `[n, L, h]`,
+`lengths.npy` `[n]`, `keys.json`: the items' content keys), each shard written to a temporary folder and
+renamed, so a killed run never leaves a half shard. The fingerprint hashes the tower's weights, the
+preprocessing (tokenizer vocabulary and length, or the image processor's settings) and the storage dtype,
+so a changed tower or processor never reads a stale cache. An item's key is the SHA-256 of its content (the
+caption string, or the image file's bytes): any split, fold or dataset that holds an item already in the
+store reuses its states, and only new items are encoded (into a new shard).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
+from datasets import Image as ImageFeature
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -36,7 +40,7 @@ __all__ = [
     "default_cache_dir",
 ]
 
-_VERSION = "tower-states-v1"
+_VERSION = "tower-states-v2"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -47,16 +51,28 @@ def default_cache_dir() -> Path:
     return base / "tower_states"
 
 
-@dataclass
 class TowerStates:
-    """One frozen tower's outputs for N items: `states` `[N, L, h]` (memory-mapped), `lengths` `[N]`."""
+    """One frozen tower's outputs for N items, gathered from the store's memory-mapped shards.
 
-    states: np.ndarray
-    lengths: np.ndarray
-    path: Path
+    Item `i` is row `rows[i]` of `shards[shard_of[i]]` (`[n, L_s, h]`), with `lengths[i]` real tokens.
+    `path` is the store folder; `encoded` counts the items this call had to run the tower for."""
+
+    def __init__(
+        self,
+        shards: Sequence[np.ndarray],
+        shard_of: np.ndarray,
+        rows: np.ndarray,
+        lengths: np.ndarray,
+        path: Path,
+        encoded: int = 0,
+    ) -> None:
+        self.shards = list(shards)
+        self.shard_of, self.rows, self.lengths = shard_of, rows, lengths
+        self.path, self.encoded = path, encoded
+        self.hidden = int(self.shards[0].shape[2]) if self.shards else 0
 
     def __len__(self) -> int:
-        return len(self.states)
+        return len(self.lengths)
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """States `[B, L_max, h]` (float32, cut to the longest item) and mask `[B, L_max]` (long)."""
@@ -65,9 +81,15 @@ class TowerStates:
             raise IndexError(f"item index out of range for a cache of {len(self)} items: {index.tolist()}")
         lengths = self.lengths[index]
         width = int(lengths.max()) if index.size else 0
-        states = torch.from_numpy(np.asarray(self.states[index, :width], dtype=np.float32))
+        out = np.zeros((len(index), width, self.hidden), dtype=np.float32)
+        shard_of = self.shard_of[index]
+        for shard in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == shard)
+            states = self.shards[shard]
+            cut = min(width, states.shape[1])
+            out[where, :cut] = states[self.rows[index[where]], :cut]
         mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
-        return states, mask
+        return torch.from_numpy(out), mask
 
 
 @dataclass
@@ -93,26 +115,33 @@ def _fingerprint(kind: str, tower: torch.nn.Module, settings: Any, items: Any, d
     return digest.hexdigest()[:24]
 
 
-def _open(folder: Path) -> TowerStates | None:
-    if not (folder / "info.json").is_file():
-        return None
-    states = np.load(folder / "states.npy", mmap_mode="r", allow_pickle=False)
-    lengths = np.load(folder / "lengths.npy", allow_pickle=False)
-    return TowerStates(states, lengths, folder)
+def _open_store(store: Path) -> tuple[list[np.ndarray], dict[str, tuple[int, int, int]]]:
+    """The store's shards (in name order) and key -> (shard, row, length); the first shard holding a key wins."""
+    shards: list[np.ndarray] = []
+    where: dict[str, tuple[int, int, int]] = {}
+    for folder in sorted(store.glob("shard-*")) if store.is_dir() else []:
+        if not (folder / "keys.json").is_file():
+            continue
+        keys = json.loads((folder / "keys.json").read_text(encoding="utf-8"))
+        lengths = np.load(folder / "lengths.npy", allow_pickle=False)
+        shards.append(np.load(folder / "states.npy", mmap_mode="r", allow_pickle=False))
+        for row, key in enumerate(keys):
+            where.setdefault(key, (len(shards) - 1, row, int(lengths[row])))
+    return shards, where
 
 
-def _write(
-    folder: Path, batches: Any, num_items: int, width: int, hidden: int, dtype: str, info: dict
-) -> TowerStates:
-    """Stream `(start, states [b, l, h], lengths [b])` batches into `folder` atomically."""
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+def _write_shard(
+    store: Path, keys: list[str], batches: Iterator, width: int, hidden: int, dtype: str
+) -> None:
+    """Stream `(start, states [b, l, h], lengths [b])` batches for `keys` into a new shard, atomically."""
+    name = f"shard-{uuid.uuid4().hex[:16]}"
+    tmp = store / f".tmp-{name}"
     tmp.mkdir(parents=True)
     try:
         states = np.lib.format.open_memmap(
-            tmp / "states.npy", mode="w+", dtype=_DTYPES[dtype], shape=(num_items, width, hidden)
+            tmp / "states.npy", mode="w+", dtype=_DTYPES[dtype], shape=(len(keys), width, hidden)
         )
-        lengths = np.zeros(num_items, dtype=np.int64)
+        lengths = np.zeros(len(keys), dtype=np.int64)
         for start, batch_states, batch_lengths in batches:
             stop = start + len(batch_states)
             states[start:stop, : batch_states.shape[1]] = batch_states.numpy().astype(_DTYPES[dtype])
@@ -120,21 +149,56 @@ def _write(
         states.flush()
         del states
         np.save(tmp / "lengths.npy", lengths)
-        (tmp / "info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-        if folder.exists():  # another process finished the same cache first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
+        (tmp / "keys.json").write_text(json.dumps(keys), encoding="utf-8")
+        os.replace(tmp, store / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    opened = _open(folder)
-    assert opened is not None
-    return opened
+
+
+def _gather(store: Path, keys: Sequence[str], encode: Any, dtype: str) -> TowerStates:
+    """The states of `keys` from `store`, after `encode(missing_keys) -> (batches, width, hidden)` wrote
+    a shard for those the store lacks (each missing key encoded once)."""
+    shards, where = _open_store(store)
+    missing = list(dict.fromkeys(key for key in keys if key not in where))
+    if missing:
+        batches, width, hidden = encode(missing)
+        _write_shard(store, missing, batches, width, hidden, dtype)
+        shards, where = _open_store(store)
+    located = np.array([where[key] for key in keys], dtype=np.int64).reshape(len(keys), 3)
+    return TowerStates(shards, located[:, 0], located[:, 1], located[:, 2], store, encoded=len(missing))
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _store(cache_dir: str | os.PathLike[str] | None, kind: str, key: str) -> Path:
+    return Path(cache_dir or default_cache_dir()) / f"{kind}-{key}"
+
+
+def _content_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_keys(split: Dataset, batch_size: int = 256) -> list[str]:
+    """One content key per row of `split`: the SHA-256 of the image file's bytes (of the decoded pixels,
+    mode and size when the column holds no `datasets.Image` feature)."""
+    if not isinstance(split.features.get("image"), ImageFeature):
+        keys = []
+        for row in range(len(split)):
+            image = split[row]["image"]
+            keys.append(_content_key(f"{image.mode}{image.size}".encode() + image.tobytes()))
+        return keys
+    raw = split.select_columns(["image"]).cast_column("image", ImageFeature(decode=False))
+    keys = []
+    for start in range(0, len(raw), batch_size):
+        for value in raw[start : start + batch_size]["image"]:
+            data = value.get("bytes")
+            if data is None:
+                data = Path(value["path"]).read_bytes()
+            keys.append(_content_key(data))
+    return keys
 
 
 @torch.no_grad()
@@ -147,7 +211,9 @@ def cache_text_states(
     batch_size: int = 128,
     progress: bool = True,
 ) -> TowerStates:
-    """The text tower's outputs for `captions` (tokenised as the processor does), cached on disk."""
+    """The text tower's outputs for `captions` (tokenised as the processor does), from the item store."""
+    if not captions:
+        raise ValueError("no captions to cache")
     tokenizer, max_length = processor.tokenizer, processor.max_length
     settings = {
         "tokenizer": type(tokenizer).__name__,
@@ -155,38 +221,39 @@ def cache_text_states(
         "max_length": max_length,
         "lowercase": getattr(tokenizer, "do_lower_case", None),
     }
-    items = hashlib.sha256("\n".join(captions).encode()).hexdigest()
-    key = _fingerprint("text", model.text_model, settings, [len(captions), items], dtype)
-    folder = Path(cache_dir or default_cache_dir()) / f"text-{key}"
-    cached = _open(folder)
-    if cached is not None:
-        return cached
-    if not captions:
-        raise ValueError("no captions to cache")
+    store = _store(cache_dir, "text", _fingerprint("text", model.text_model, settings, [], dtype))
+    keys = [_content_key(caption.encode()) for caption in captions]
+    by_key = dict(zip(keys, captions, strict=True))
     device = _device(model)
-    width = int(processor(text=list(captions), padding="longest", return_tensors="pt")["input_ids"].shape[1])
-    was_training = model.text_model.training
-    model.text_model.eval()
 
-    def batches():
-        with tqdm(total=len(captions), desc="cache caption states", disable=not progress, leave=False) as bar:
-            for start in range(0, len(captions), batch_size):
-                chunk = list(captions[start : start + batch_size])
-                inputs = processor(text=chunk, padding="longest", return_tensors="pt")
-                mask = inputs["attention_mask"].to(device)
-                states = model.text_tower_states(inputs["input_ids"].to(device), mask).float()
-                # real tokens first (left-padding tokenizers too), padding zeroed: `lengths` then says all
-                order = torch.argsort(1 - mask, dim=1, stable=True)
-                states = (states * mask[..., None]).gather(1, order[..., None].expand_as(states))
-                yield start, states.cpu(), mask.sum(1).cpu()
-                bar.update(len(states))
+    def encode(missing: list[str]) -> tuple[Iterator, int, int]:
+        todo = [by_key[key] for key in missing]
+        width = int(processor(text=todo, padding="longest", return_tensors="pt")["input_ids"].shape[1])
 
-    hidden = model.text_projection.in_features
-    info = {"kind": "text", "items": len(captions), "width": width, "hidden": hidden, "dtype": dtype}
-    try:
-        return _write(folder, batches(), len(captions), width, hidden, dtype, info)
-    finally:
-        model.text_model.train(was_training)
+        def batches() -> Iterator:
+            was_training = model.text_model.training
+            model.text_model.eval()
+            try:
+                with tqdm(
+                    total=len(todo), desc="cache caption states", disable=not progress, leave=False
+                ) as bar:
+                    for start in range(0, len(todo), batch_size):
+                        inputs = processor(
+                            text=todo[start : start + batch_size], padding="longest", return_tensors="pt"
+                        )
+                        mask = inputs["attention_mask"].to(device)
+                        states = model.text_tower_states(inputs["input_ids"].to(device), mask).float()
+                        # real tokens first (left-padding tokenizers too), padding zeroed: `lengths` says all
+                        order = torch.argsort(1 - mask, dim=1, stable=True)
+                        states = (states * mask[..., None]).gather(1, order[..., None].expand_as(states))
+                        yield start, states.cpu(), mask.sum(1).cpu()
+                        bar.update(len(states))
+            finally:
+                model.text_model.train(was_training)
+
+        return batches(), width, model.text_projection.in_features
+
+    return _gather(store, keys, encode, dtype)
 
 
 @torch.no_grad()
@@ -199,37 +266,46 @@ def cache_image_states(
     batch_size: int = 32,
     progress: bool = True,
 ) -> TowerStates:
-    """The vision tower's outputs for every image of `split` (as the processor prepares them), cached."""
+    """The vision tower's outputs for every image of `split` (as the processor prepares them), from the
+    item store: images already there (from any split or dataset) are not encoded again."""
     if "image" not in split.column_names:
         raise ValueError(f"caching vision states needs an 'image' column, got {split.column_names}")
+    if len(split) == 0:
+        raise ValueError("no images to cache")
     settings = processor.image_processor.to_dict()
-    key = _fingerprint("image", model.vision_model, settings, [len(split), split._fingerprint], dtype)
-    folder = Path(cache_dir or default_cache_dir()) / f"image-{key}"
-    cached = _open(folder)
-    if cached is not None:
-        return cached
+    store = _store(cache_dir, "image", _fingerprint("image", model.vision_model, settings, [], dtype))
+    keys = image_keys(split)
+    first_row = {key: row for row, key in reversed(list(enumerate(keys)))}
     device = _device(model)
-    was_training = model.vision_model.training
-    model.vision_model.eval()
-    first = model.vision_tower_states(
-        processor(images=[split[0]["image"]], return_tensors="pt")["pixel_values"].to(device)
-    )
-    length, hidden = first.shape[1:]
 
-    def batches():
-        with tqdm(total=len(split), desc="cache image states", disable=not progress, leave=False) as bar:
-            for start in range(0, len(split), batch_size):
-                images = split[start : start + batch_size]["image"]
-                pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-                states = model.vision_tower_states(pixels).float().cpu()
-                yield start, states, torch.full((len(states),), length)
-                bar.update(len(states))
+    def encode(missing: list[str]) -> tuple[Iterator, int, int]:
+        rows = [first_row[key] for key in missing]
+        probe = processor(images=[split[rows[0]]["image"]], return_tensors="pt")["pixel_values"]
+        was_training = model.vision_model.training
+        model.vision_model.eval()
+        try:
+            length, hidden = model.vision_tower_states(probe.to(device)).shape[1:]
+        finally:
+            model.vision_model.train(was_training)
 
-    info = {"kind": "image", "items": len(split), "width": length, "hidden": hidden, "dtype": dtype}
-    try:
-        return _write(folder, batches(), len(split), length, hidden, dtype, info)
-    finally:
-        model.vision_model.train(was_training)
+        def batches() -> Iterator:
+            model.vision_model.eval()
+            try:
+                with tqdm(
+                    total=len(rows), desc="cache image states", disable=not progress, leave=False
+                ) as bar:
+                    for start in range(0, len(rows), batch_size):
+                        images = split[rows[start : start + batch_size]]["image"]
+                        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+                        states = model.vision_tower_states(pixels).float().cpu()
+                        yield start, states, torch.full((len(states),), length)
+                        bar.update(len(states))
+            finally:
+                model.vision_model.train(was_training)
+
+        return batches(), int(length), int(hidden)
+
+    return _gather(store, keys, encode, dtype)
 
 
 def build_split_states(
