@@ -11,10 +11,14 @@ All of them read the same cached tower outputs, so the towers run once for the w
     python benchmarks/real_data.py                                   # 6 variants + simple, 3 seeds
     python benchmarks/real_data.py --seeds 0 --variants full global_baseline --set train.epochs=5
     python benchmarks/real_data.py --split-seeds 1 2 3 4 --seeds 0 --variants full global_baseline
+    python benchmarks/real_data.py --folds 0 1 2 3 4 5 6 7 8 9 --seeds 0 --variants full global_baseline
 
 One split holds only about 300 test images, which are worth about +-13 rSum on their own: `--split-seeds`
 repeats the benchmark on other caption -> split hashes (`data.args.split_seed`), and the summary then
 also gives each variant's paired difference to full GRM, split by split, as mean +- std over splits.
+`--folds` is 10-fold cross-validation instead (`data.args.fold`): the captions fall into 10 hash buckets,
+fold k tests on bucket k and selects on bucket k+1, so the folds' test splits are disjoint and together
+test every caption once; the tower outputs are cached per item, so every fold reuses them.
 
 Prints the table (strict standard protocol, and with identical captions counted correct) and ends with
 `REAL_DATA grm_rsum=<mean> global_rsum=<mean> simple_rsum=<mean> minutes_per_run=<mean>`.
@@ -133,9 +137,15 @@ def _cell(rows: list[dict], key: str) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _variant_names(rows: list[dict]) -> list[str]:
+    """The variants of `rows`: the ablation order, then labelled variants (`--label`) as they come."""
+    known = [*ABLATION_VARIANTS, "simple_baseline"]
+    return known + list(dict.fromkeys(row["variant"] for row in rows if row["variant"] not in known))
+
+
 def summarise(rows: list[dict]) -> str:
     """A markdown table: mean ± std over seeds for each variant."""
-    names = [*ABLATION_VARIANTS, "simple_baseline"]
+    names = _variant_names(rows)
     lines = ["| variant | " + " | ".join(REPORTED) + " |", "|---" * (len(REPORTED) + 1) + "|"]
     for name in names:
         runs = [row for row in rows if row["variant"] == name]
@@ -144,12 +154,17 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _split_means(rows: list[dict], variant: str, key: str = "rsum") -> dict[int, float]:
-    """Split seed -> the mean of `key` over the variant's training seeds on that split."""
-    by_split: dict[int, list[float]] = {}
+def _split_name(row: dict) -> str:
+    """`fold<k>` for a cross-validation fold, else `seed<s>` for the caption -> split hash seed."""
+    return f"fold{row['fold']}" if row.get("fold") is not None else f"seed{row.get('split_seed', 0)}"
+
+
+def _split_means(rows: list[dict], variant: str, key: str = "rsum") -> dict[str, float]:
+    """Split name -> the mean of `key` over the variant's training seeds on that split."""
+    by_split: dict[str, list[float]] = {}
     for row in rows:
         if row["variant"] == variant:
-            by_split.setdefault(row.get("split_seed", 0), []).append(row[key])
+            by_split.setdefault(_split_name(row), []).append(row[key])
     return {split: statistics.mean(values) for split, values in sorted(by_split.items())}
 
 
@@ -166,7 +181,7 @@ def paired_differences(rows: list[dict], key: str = "rsum") -> str:
         "| variant | splits | minus full GRM, mean ± std over splits | splits where full GRM is ahead |",
         "|---|---|---|---|",
     ]
-    for name in [*ABLATION_VARIANTS, "simple_baseline"]:
+    for name in _variant_names(rows):
         other = _split_means(rows, name, key)
         shared = sorted(set(full) & set(other))
         if name == "full" or not shared:
@@ -189,11 +204,18 @@ def main() -> None:
     parser.add_argument(
         "--split-seeds", type=int, nargs="+", default=[0], help="caption -> split hashes to repeat on"
     )
+    parser.add_argument("--folds", type=int, nargs="+", help="cross-validation folds to run (of --num-folds)")
+    parser.add_argument("--num-folds", type=int, default=10)
     parser.add_argument(
         "--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS)
     )
     parser.add_argument("--no-simple", action="store_true", help="skip the simple frozen-feature baseline")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    parser.add_argument(
+        "--label",
+        help="name the trainer variants `<variant>[<label>]` in the rows (e.g. a run with --set changes), "
+        "so one table compares them with the unlabelled runs",
+    )
     parser.add_argument("--output-dir", default="runs/real_data")
     parser.add_argument(
         "--summarise", nargs="+", metavar="JSON", help="only print the table of saved real_data.json files"
@@ -204,27 +226,32 @@ def main() -> None:
     rows = []
     if args.summarise:
         rows = [row for path in args.summarise for row in json.loads(Path(path).read_text())]
-        args.seeds = sorted({row["seed"] for row in rows})
-        args.split_seeds = sorted({row.get("split_seed", 0) for row in rows})
-    for split_seed in [] if args.summarise else args.split_seeds:
+    splits = [(seed, fold) for seed in args.split_seeds for fold in args.folds or [None]]
+    for split_seed, fold in [] if args.summarise else splits:
         split_overrides = [*overrides, f"data.args.split_seed={split_seed}"]
         split_root = root if split_seed == 0 else root / f"split{split_seed}"
+        if fold is not None:
+            split_overrides += [f"data.args.fold={fold}", f"data.args.num_folds={args.num_folds}"]
+            split_root = split_root / f"fold{fold}"
         for seed in args.seeds:
             for name in ([] if args.no_simple else ["simple_baseline"]) + args.variants:
                 if name == "simple_baseline":
                     row = run_simple_baseline(args.recipe, seed, split_overrides)
                 else:
                     row = run_variant(args.recipe, name, seed, split_overrides, split_root)
-                rows.append({**row, "split_seed": split_seed})
+                    if args.label:
+                        row["variant"] = f"{name}[{args.label}]"
+                rows.append({**row, "split_seed": split_seed, "fold": fold})
                 print(json.dumps(rows[-1]), flush=True)
                 root.mkdir(parents=True, exist_ok=True)
                 (root / "real_data.json").write_text(json.dumps(rows, indent=2))  # kept if a later run fails
+    names = sorted({_split_name(row) for row in rows})
     print(
-        f"\nopenclipart test split (captions unseen in training), split seeds {args.split_seeds}, "
-        f"seeds {args.seeds}, mean ± std over all runs:"
+        f"\nopenclipart test split (captions unseen in training), splits {names}, "
+        f"seeds {sorted({row['seed'] for row in rows})}, mean ± std over all runs:"
     )
     print(summarise(rows))
-    if len(args.split_seeds) > 1:
+    if len(names) > 1:
         print("\nPaired by split (test rSum):")
         print(paired_differences(rows))
     grm_minutes = [row["wall_s"] / 60 for row in rows if row["variant"] == "full"]

@@ -250,6 +250,26 @@ def test_splits_are_disjoint_by_caption_and_deterministic(tmp_path, caplog):
         oc.load_openclipart(root, cache_dir=tmp_path / "cache", split_fractions=(0.8, 0.3, 0.1))
 
 
+def test_folds_test_every_caption_once_and_never_train_on_it(tmp_path, caplog):
+    root = tmp_path / "svg"
+    for i in range(40):
+        write(root, f"things/t{i:02d}.svg", svg(f"Thing {i % 20}", "", box(i)))
+    tested: list[str] = []
+    for fold in range(4):
+        dataset, _ = load(root, tmp_path / "cache", caplog, fold=fold, num_folds=4, max_per_caption=None)
+        keys = {name: {oc.caption_key(c[0]) for c in split["captions"]} for name, split in dataset.items()}
+        assert (
+            not keys["train"] & (keys["validation"] | keys["test"]) and not keys["validation"] & keys["test"]
+        )
+        assert sum(len(s) for s in dataset.values()) == 40
+        tested.extend(keys["test"])
+    assert sorted(tested) == sorted({oc.caption_key(f"Thing {i}") for i in range(20)})  # each exactly once
+    with pytest.raises(ValueError, match=r"fold must be None or an int in \[0, 4\)"):
+        oc.load_openclipart(root, cache_dir=tmp_path / "cache", fold=4, num_folds=4)
+    with pytest.raises(ValueError, match="num_folds must be an int >= 3"):
+        oc.load_openclipart(root, cache_dir=tmp_path / "cache", fold=0, num_folds=2)
+
+
 def test_cache_is_reused_and_keyed_by_image_size(tmp_path, caplog, monkeypatch):
     root = tmp_path / "svg"
     for i in range(4):

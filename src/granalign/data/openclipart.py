@@ -172,10 +172,23 @@ def _fixed_order(relpath: str) -> str:
     return hashlib.sha256(relpath.encode("utf-8")).hexdigest()
 
 
-def assign_split(caption: str, split_seed: int, split_fractions: Sequence[float]) -> str:
-    """The split of every image with this caption, from a hash of `(split_seed, caption_key(caption))`."""
+def assign_split(
+    caption: str,
+    split_seed: int,
+    split_fractions: Sequence[float],
+    fold: int | None = None,
+    num_folds: int = 10,
+) -> str:
+    """The split of every image with this caption, from a hash of `(split_seed, caption_key(caption))`.
+
+    With `fold`, the hash puts each caption in one of `num_folds` equal buckets instead of the fractions:
+    bucket `fold` is the test split, bucket `fold + 1` (mod `num_folds`) the validation split and the rest
+    train, so the test splits of folds `0 .. num_folds - 1` are disjoint and hold every caption once."""
     digest = hashlib.sha256(f"{split_seed}\0{caption_key(caption)}".encode()).digest()
     point = int.from_bytes(digest[:8], "big") / 2**64
+    if fold is not None:
+        bucket = int(point * num_folds)
+        return "test" if bucket == fold else "validation" if bucket == (fold + 1) % num_folds else "train"
     total = 0.0
     for split, fraction in zip(SPLITS, split_fractions, strict=True):
         total += fraction
@@ -513,8 +526,20 @@ def _check_args(
     render_timeout: float,
     limit: int | None,
     num_proc: int,
+    fold: int | None = None,
+    num_folds: int = 10,
 ) -> tuple[float, ...]:
     """Validate the options; return the split fractions as floats."""
+    if not isinstance(num_folds, int) or isinstance(num_folds, bool) or num_folds < 3:
+        raise ValueError(
+            f"num_folds must be an int >= 3 (test, validation and train folds), got {num_folds!r}"
+        )
+    if fold is not None and (
+        not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < num_folds
+    ):
+        raise ValueError(
+            f"fold must be None or an int in [0, {num_folds}) (num_folds={num_folds}), got {fold!r}"
+        )
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     if max_per_caption is not None and (not isinstance(max_per_caption, int) or max_per_caption < 1):
@@ -541,6 +566,8 @@ def load_openclipart(
     max_per_caption: int | None = 5,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
     split_seed: int = 0,
+    fold: int | None = None,
+    num_folds: int = 10,
     render_timeout: float = 10.0,
     limit: int | None = None,
     num_proc: int = 2,
@@ -555,6 +582,9 @@ def load_openclipart(
         max_per_caption: most images kept per caption (case/whitespace-insensitive); None keeps all.
         split_fractions: shares of the unique captions in (train, validation, test).
         split_seed: seed of the caption -> split hash.
+        fold, num_folds: k-fold splits instead of `split_fractions`: the captions fall into `num_folds`
+            equal hash buckets; bucket `fold` is test, the next one validation, the rest train. Over all
+            folds every caption is tested exactly once (cross-validation for a small test split).
         render_timeout: seconds one file may take to render; slower files are skipped (and remembered).
         limit: keep only the first `limit` selected files in the fixed order (quick runs, tests).
         num_proc: render worker processes.
@@ -563,7 +593,9 @@ def load_openclipart(
     Logs one summary line at INFO (files found, skipped and why, rows per split); printed to stderr when
     INFO logging is off. The image column holds paths of PNGs in the cache, decoded on access.
     """
-    fractions = _check_args(image_size, max_per_caption, split_fractions, render_timeout, limit, num_proc)
+    fractions = _check_args(
+        image_size, max_per_caption, split_fractions, render_timeout, limit, num_proc, fold, num_folds
+    )
     root = Path(svg_root)
     if not root.is_dir():
         raise FileNotFoundError(f"openclipart SVG folder {str(root)!r} does not exist; {_INSTALL_HINT}")
@@ -642,7 +674,7 @@ def load_openclipart(
             counts.duplicates += 1
             continue
         seen.add(key)
-        ids, paths, captions = columns[assign_split(caption, split_seed, fractions)]
+        ids, paths, captions = columns[assign_split(caption, split_seed, fractions, fold, num_folds)]
         ids.append(relpath)
         paths.append(os.fspath(png_path(digest)))
         captions.append([caption])
