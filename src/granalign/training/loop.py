@@ -5,6 +5,8 @@ One optimizer step = `gradient_accumulation_steps` batches per process. The firs
 After every `eval.every_epochs` epochs the dev split is scored; the best dev rSum is saved to
 `output_dir/best` (the test split is never looked at during training). At the end the dev-selected model
 is evaluated once on the test split and exported with its processor to `output_dir/final`.
+With `train.ema_decay` the evaluations, the selection and the saved models use the moving average of the
+trainable weights (`granalign.training.ema`).
 
 Resume is exact: the data order is a pure function of (seed, epoch) (`EpochPermutationSampler`),
 augmentation of (seed, epoch, item), and checkpoints hold the RNG states, optimizer, scheduler and the
@@ -13,6 +15,7 @@ position in the epoch, so a killed-and-resumed run ends with the same weights as
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -35,6 +38,7 @@ from granalign.training.checkpoint import (
     warn_recipe_changes,
 )
 from granalign.training.collate import AlignmentCollator, EpochPermutationSampler
+from granalign.training.ema import WeightEMA
 from granalign.training.optim import LRSchedule, build_optimizer, build_scheduler
 from granalign.training.recipe import RECIPE_FILE, Recipe, save_recipe
 from granalign.training.selection import TrainResult, evaluate_dev, finish_run
@@ -72,6 +76,11 @@ def _frozen_tower_states(
                 progress=recipe.train.progress_bar and accelerator.is_local_main_process,
             )
     return out
+
+
+def _averaged(ema: WeightEMA | None, model: GranAlignModel) -> contextlib.AbstractContextManager:
+    """The EMA weights in `model` for the block (`train.ema_decay`), or the model as it is."""
+    return ema.applied(model) if ema is not None else contextlib.nullcontext()
 
 
 def _patience_ran_out(state: TrainerState, patience: int | None) -> bool:
@@ -145,6 +154,9 @@ def train(
         f"{steps_per_epoch} steps/epoch x {t.epochs} epochs"
     )
 
+    ema = WeightEMA(model, t.ema_decay) if t.ema_decay is not None else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # a resumed run continues the same average
     state = TrainerState(num_bad_rows=num_bad)
     recover_directory(output_dir / "best")
     checkpoint = resolve_resume(resume, output_dir)
@@ -191,6 +203,8 @@ def train(
                 continue
             lr = scheduler.get_last_lr()[-1]
             scheduler.step()
+            if ema is not None:
+                ema.update(unwrapped)
             state.global_step += 1
             state.step_in_epoch += 1
             loss = objective.loss.item()
@@ -219,10 +233,11 @@ def train(
         state.epoch += 1
         state.step_in_epoch = 0
         if dev_split is not None and (state.epoch % recipe.eval.every_epochs == 0 or state.epoch == t.epochs):
-            evaluate_dev(
-                recipe, accelerator, unwrapped, processor, dev_split, state, output_dir, hub_callback,
-                states["dev"],
-            )  # fmt: skip
+            with _averaged(ema, unwrapped):
+                evaluate_dev(
+                    recipe, accelerator, unwrapped, processor, dev_split, state, output_dir, hub_callback,
+                    states["dev"],
+                )  # fmt: skip
         if t.save_checkpoints:
             save_checkpoint(accelerator, output_dir, state, scheduler, t.save_total_limit)
         if _patience_ran_out(state, t.early_stopping_patience):
@@ -234,8 +249,9 @@ def train(
 
     result = TrainResult(output_dir, None, state.best_metric, None, state.global_step, interrupted, num_bad)
     if not interrupted:
-        result = finish_run(
-            recipe, accelerator, unwrapped, processor, test_split, state, output_dir, states["test"]
-        )
+        with _averaged(ema, unwrapped):  # without a dev split, final/ holds the averaged weights
+            result = finish_run(
+                recipe, accelerator, unwrapped, processor, test_split, state, output_dir, states["test"]
+            )
     accelerator.end_training()
     return result

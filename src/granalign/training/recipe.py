@@ -132,6 +132,8 @@ class TrainRecipe:
     progress_bar: bool = True
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient
     early_stopping_patience: int | None = None  # stop after this many dev evaluations without a new best
+    # evaluate, select and save an exponential moving average of the trainable weights (e.g. 0.99)
+    ema_decay: float | None = None
     save_total_limit: int = 1  # keep the newest N epoch/step checkpoints (resume needs 1)
     save_checkpoints: bool = True  # false: write only best/ and final/ (no resume)
     # replace another run found in output_dir (its checkpoints, best/, final/, metrics); without it, or

@@ -137,6 +137,8 @@ def _check_train(recipe: Recipe) -> None:
     _at_least("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1)
     if t.grad_clip is not None and not t.grad_clip > 0:
         raise _error(f"train.grad_clip must be > 0 or null, got {t.grad_clip!r}")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise _error(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay!r}")
     _at_least("train.checkpoint_every_steps", t.checkpoint_every_steps, 0)
     _at_least("train.max_steps", t.max_steps, 1, allow_none=True)
     _at_least("train.log_every_steps", t.log_every_steps, 1)
