@@ -306,6 +306,92 @@ def test_push_to_an_unreachable_endpoint_names_it(saved_model, monkeypatch):
         push_model_dir(saved_model, "me/tiny", token="hf_test", endpoint="http://127.0.0.1:9")
 
 
+@pytest.mark.parametrize("what", ["processor", "model"])
+def test_processor_and_model_pushes_to_an_unreachable_endpoint_name_it(saved_model, monkeypatch, what):
+    import huggingface_hub
+
+    from granalign import GranAlignModel, GranAlignProcessor
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the suite runs offline
+    loaded = (GranAlignProcessor if what == "processor" else GranAlignModel).from_pretrained(saved_model)
+    with pytest.raises(OSError, match=r"could not reach the Hub at http://127\.0\.0\.1:9"):
+        loaded.push_to_hub("me/tiny", token="hf_test", endpoint="http://127.0.0.1:9")
+
+
+def _image_folder(folder, bad=("b.png", "d.png", "e.jpg")):
+    """Readable a.png and c.png, and the `bad` files: truncated b.png, empty d.png, text e.jpg."""
+    from PIL import Image
+
+    folder.mkdir()
+    for name, colour in (("a.png", (255, 0, 0)), ("c.png", (0, 0, 255))):
+        Image.new("RGB", (40, 40), colour).save(folder / name)
+    damaged = {"b.png": (folder / "a.png").read_bytes()[:70], "d.png": b"", "e.jpg": b"not an image\n"}
+    for name in bad:
+        (folder / name).write_bytes(damaged[name])
+    return folder
+
+
+def _one_error_line(stderr: str, command: str) -> str:
+    """The one line a failed command printed (transformers' weight-loading progress bars aside)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith(f"granalign {command}: error: "), lines[0]
+    return lines[0]
+
+
+def test_index_names_an_unreadable_image_in_one_line(saved_model, tmp_path, capsys):
+    from granalign.cli import main
+
+    folder, output = _image_folder(tmp_path / "images"), tmp_path / "g.safetensors"
+    assert main(["index", str(saved_model), str(output), "--images", str(folder), "--no-progress"]) == 2
+    error = _one_error_line(capsys.readouterr().err, "index")
+    assert f"cannot read image file '{folder / 'b.png'}'" in error and "--skip-bad-images" in error
+    assert not output.exists()
+    for name in ("d.png", "e.jpg"):  # empty, not an image
+        assert main(["index", str(saved_model), str(output), "--images", str(folder / name)]) == 2
+        error = _one_error_line(capsys.readouterr().err, "index")
+        assert f"cannot read image file '{folder / name}'" in error
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red square\n")
+    assert main(["index", str(saved_model), str(output), "--captions-file", str(captions)]) == 0
+    search = ["search", str(output), str(saved_model), "--no-progress", "--image", str(folder / "b.png")]
+    assert main(search) == 2  # a query image too
+    error = _one_error_line(capsys.readouterr().err, "search")
+    assert f"cannot read image file '{folder / 'b.png'}'" in error
+
+
+def test_index_skip_bad_images_lists_them_and_keeps_ids_and_vectors_aligned(saved_model, tmp_path, capsys):
+    from granalign.cli import main
+
+    folder = _image_folder(tmp_path / "images")
+    mixed, clean = tmp_path / "mixed.safetensors", tmp_path / "clean.safetensors"
+    # batches of two: [a, b] loses b, [c, d] loses d, [e] loses all of itself
+    argv = ["index", str(saved_model), str(mixed), "--images", str(folder), "--skip-bad-images"]
+    assert main([*argv, "--no-progress", "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 3 of 5 image files that cannot be read:" in printed
+    for name in ("b.png", "d.png", "e.jpg"):
+        assert f"cannot read image file '{folder / name}'" in printed
+    good = [str(folder / "a.png"), str(folder / "c.png")]
+    assert main(["index", str(saved_model), str(clean), "--images", *good, "--no-progress"]) == 0
+    index, reference = GalleryIndex.load(mixed), GalleryIndex.load(clean)
+    assert index.ids == reference.ids == good
+    for name in ("tokens", "image_embeds"):
+        torch.testing.assert_close(getattr(index.outputs, name), getattr(reference.outputs, name))
+
+    only_bad = _image_folder(tmp_path / "bad", bad=("b.png", "d.png"))
+    for name in ("a.png", "c.png"):
+        (only_bad / name).unlink()
+    argv = ["index", str(saved_model), str(tmp_path / "x.safetensors"), "--images", str(only_bad)]
+    assert main([*argv, "--skip-bad-images", "--no-progress"]) == 2
+    assert "none of the 2 image files can be read" in capsys.readouterr().err
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red square\n")
+    argv = ["index", str(saved_model), str(tmp_path / "t.safetensors"), "--captions-file", str(captions)]
+    assert main([*argv, "--skip-bad-images"]) == 2
+    assert "use it with --images" in capsys.readouterr().err
+
+
 def test_one_image_loader_everywhere_16_bit_alpha_and_palette(tmp_path):
     import numpy as np
     from PIL import Image
@@ -344,11 +430,39 @@ def test_image_files_too_large_truncated_or_foreign_are_clear_errors(tmp_path, m
     truncated.write_bytes(path.read_bytes()[:60])
     foreign = tmp_path / "foreign.png"
     foreign.write_text("not an image")
-    for bad in (truncated, foreign):
+    damaged = tmp_path / "damaged.ppm"  # Pillow raises a bare ValueError (int() of the size field) on it
+    damaged.write_bytes(b"P6\n1\xdb 9\n255\n")
+    for bad in (truncated, foreign, damaged):
         with pytest.raises(ValueError, match=f"cannot read image file '{bad}'"):
             open_image(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_image(tmp_path / "missing.png")
+
+
+def test_caption_lengths_the_text_tower_cannot_take_are_refused(tmp_path):
+    from tiny_configs import tiny_tokenizer
+
+    from granalign import GranAlignProcessor
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    tokenizer.model_max_length = 64  # the tiny text tower's max_position_embeddings
+    processor = GranAlignProcessor(tokenizer=tokenizer, max_length=16)
+    long_caption = "red " * 100
+    assert processor(text=[long_caption, "dog"])["input_ids"].shape == (2, 16)  # truncated by default
+    message = r"text\[0\] is 102 tokens long, more than the tokenizer's model_max_length=64"
+    for truncation in (False, "do_not_truncate"):
+        with pytest.raises(ValueError, match=message):
+            processor(text=[long_caption, "dog"], truncation=truncation, padding="longest")
+    short = processor(text=["red " * 30, "dog"], truncation=False, padding="longest")
+    assert short["input_ids"].shape == (2, 32)  # within the tower's positions: allowed
+    tiny_model(None).encode_text(short["input_ids"], short["attention_mask"])
+    # at or below the 2 special tokens BERT adds, the tokenizer returns the whole caption or no word of it
+    assert processor(text="a red dog", max_length=3)["input_ids"].shape == (1, 3)
+    for length in (1, 2):
+        with pytest.raises(ValueError, match=f"max_length={length} leaves no room for words: .* 2 special"):
+            processor(text="a red dog", max_length=length)
+    with pytest.raises(ValueError, match="max_length=2 leaves no room for words"):
+        GranAlignProcessor(tokenizer=tokenizer, max_length=2)
 
 
 def test_missing_or_foreign_tokenizer_files_are_an_error(saved_model, tmp_path):

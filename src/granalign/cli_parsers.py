@@ -136,6 +136,11 @@ def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--captions-file", help="text file, one caption per line ('id<TAB>caption' also works)"
     )
     source.add_argument("--regions", help=".npy [N, R, D] or .npz with 'features' (+ 'mask' [N, R], 'ids')")
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="with --images: leave out (and list) files that cannot be read, instead of stopping",
+    )
     parser.add_argument("--split", default="test", help="dataset split (with --dataset)")
     parser.add_argument(
         "--dataset-arg", action="append", metavar="KEY=VALUE", help="dataset builder argument"

@@ -67,21 +67,24 @@ def open_image(path: "str | os.PathLike[str]") -> Image.Image:
         with warnings.catch_warnings(), Image.open(name) as opened:  # the limit below replaces Pillow's
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             width, height = opened.size
-            if width * height > limit:
-                raise ValueError(
-                    f"image file {name!r} is {width}x{height} = {width * height} pixels, more than the limit of "
-                    f"{limit} (set {MAX_IMAGE_PIXELS_VARIABLE} to allow larger images)"
-                )
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return _pil_to_rgb(image, 0)
+            if width * height <= limit:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                return _pil_to_rgb(image, 0)
     except Image.DecompressionBombError as error:  # beyond twice Pillow's own limit: refused at open
         raise ValueError(
             f"image file {name!r}: {error} (set {MAX_IMAGE_PIXELS_VARIABLE} and Pillow's "
             "Image.MAX_IMAGE_PIXELS to allow larger images)"
         ) from None
-    except (OSError, SyntaxError) as error:  # PIL: not an image, or truncated
+    except MemoryError:
+        raise
+    # PIL: not an image, truncated, or damaged (OSError, SyntaxError, and ValueError, struct.error, ...)
+    except Exception as error:
         raise ValueError(f"cannot read image file {name!r}: {error}") from None
+    raise ValueError(
+        f"image file {name!r} is {width}x{height} = {width * height} pixels, more than the limit of "
+        f"{limit} (set {MAX_IMAGE_PIXELS_VARIABLE} to allow larger images)"
+    )
 
 
 class GranAlignProcessorKwargs(ProcessingKwargs, total=False):
@@ -135,7 +138,35 @@ def _check_max_length(max_length: Any, tokenizer: Any) -> int:
             f"max_length={max_length} exceeds the tokenizer's model_max_length={limit} "
             "(the text tower has no positions beyond it)."
         )
+    # below this the tokenizer cannot truncate (it returns the whole caption) or keeps no word at all
+    specials = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    if max_length <= specials:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for words: the tokenizer adds {specials} special tokens "
+            f"to every caption; use max_length >= {specials + 1}."
+        )
     return max_length
+
+
+def _check_token_lengths(encoded: Any, tokenizer: Any) -> None:
+    """Refuse captions tokenized longer than the tokenizer's `model_max_length` (with truncation off):
+    the text tower has no positions for them, and would fail deep inside torch."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int):
+        return
+    rows = encoded.get("attention_mask")
+    if rows is None:  # no mask asked for: every row is as long as it is
+        lengths = [len(row) for row in encoded["input_ids"]]
+    elif isinstance(rows, torch.Tensor) or (isinstance(rows, np.ndarray) and rows.dtype != object):
+        lengths = rows.sum(-1).tolist()
+    else:  # lists, or the object array of rows numpy gives unpadded captions
+        lengths = [sum(row) for row in rows]
+    for index, length in enumerate(lengths):
+        if length > limit:
+            raise ValueError(
+                f"text[{index}] is {int(length)} tokens long, more than the tokenizer's model_max_length="
+                f"{limit} (the text tower has no positions beyond it); keep truncation=True."
+            )
 
 
 def _float_arrays(value: Any, name: str) -> list[np.ndarray]:
@@ -552,7 +583,9 @@ class GranAlignProcessor(ProcessorMixin):
                 )
             if text_kwargs.get("max_length") is not None:
                 _check_max_length(text_kwargs["max_length"], self.tokenizer)
-            data.update(self.tokenizer(captions, **text_kwargs))
+            encoded = self.tokenizer(captions, **text_kwargs)
+            _check_token_lengths(encoded, self.tokenizer)
+            data.update(encoded)
         if images is not None:
             flat = _image_list(images)
             if not flat:

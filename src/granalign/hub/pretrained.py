@@ -39,6 +39,7 @@ from .push import (
     card_for_push,
     check_repo_id,
     ensure_branch,
+    hub_connection,
     push_directory,
     read_remote_text,
     resolve_token,
@@ -84,7 +85,8 @@ def _create_repo(api: HfApi, repo_id: str, private: bool | None) -> str:
     """Create the repo if needed; a bare name is put in the token's namespace, as transformers does."""
     if "/" in str(repo_id):
         check_repo_id(repo_id)
-    return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with hub_connection(api.endpoint):  # network failures name the endpoint
+        return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
 
 
 def push_model_to_hub(
@@ -235,9 +237,9 @@ def push_processor_to_hub(
     written."""
     del max_shard_size
     api = _api(token, endpoint)
-    repo_id = _create_repo(api, repo_id, private)
-    branch = ensure_branch(api, repo_id, revision, create_pr=create_pr)
-    with tempfile.TemporaryDirectory() as tmp:
+    with hub_connection(api.endpoint), tempfile.TemporaryDirectory() as tmp:  # failures name the endpoint
+        repo_id = _create_repo(api, repo_id, private)
+        branch = ensure_branch(api, repo_id, revision, create_pr=create_pr)
         saved = Path(tmp)
         processor.save_pretrained(saved)
         files = sorted(p for p in saved.rglob("*") if p.is_file() and p.name != "README.md")

@@ -1,13 +1,15 @@
 """The `granalign index` and `granalign search` commands (their parsers: `granalign.cli_parsers`).
 
-    granalign index MODEL OUTPUT (--images PATH... | --dataset SOURCE [--split test] [--captions] |
-                                  --captions-file FILE | --regions FILE) [--dtype float16] [--append]
+    granalign index MODEL OUTPUT (--images PATH... [--skip-bad-images] | --dataset SOURCE [--split test]
+                                  [--captions] | --captions-file FILE | --regions FILE) [--dtype float16]
+                                  [--append]
     granalign search INDEX MODEL (--text CAPTION... | --image PATH... | --regions FILE) [-k 10]
                                   [--mode two-stage|exhaustive] [--shortlist N]
                                   [--shortlist-by regions|embeddings] [--output-json FILE]
 
 MODEL is a saved model directory or Hub id (with `--revision`). User errors raise `ValueError` /
-`OSError`, which `granalign.cli.main` prints as one line (exit status 2).
+`OSError`, which `granalign.cli.main` prints as one line (exit status 2): an image file that cannot be read
+is one, naming the file, unless `--skip-bad-images` leaves such files out of the index and lists them.
 """
 
 from __future__ import annotations
@@ -94,15 +96,32 @@ def _read_regions(path: str) -> tuple[list[np.ndarray], list[str]]:
     return arrays, ids or [str(i) for i in range(len(arrays))]
 
 
+def _encode_image_files(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, list[str]]:
+    """Outputs and ids of the `--images` files; unreadable ones are an error, or skipped and listed."""
+    from granalign.retrieval import encode
+
+    files = encode.list_image_files(args.images)
+    skip = getattr(args, "skip_bad_images", False)
+    try:
+        outputs, encoded, skipped = encode.encode_image_files(
+            model, processor, files, args.batch_size, not args.no_progress, skip_bad=skip
+        )
+    except encode.UnreadableImageError as error:
+        raise ValueError(f"{error} (pass --skip-bad-images to leave such files out)") from None
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(files)} image files that cannot be read:")
+        for _, reason in skipped:
+            print(f"  {reason}")
+    return outputs, [str(f) for f in encoded]
+
+
 def _encode_source(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, list[str], Any]:
     """Outputs, ids and caption texts (or None) of the gallery the index arguments name."""
     from granalign.retrieval import encode
 
     progress, batch = not args.no_progress, args.batch_size
     if args.images:
-        files = encode.list_image_files(args.images)
-        outputs = encode.encode_images(model, _need_processor(processor, "--images"), files, batch, progress)
-        return outputs, [str(f) for f in files], None
+        return (*_encode_image_files(args, model, _need_processor(processor, "--images")), None)
     if args.captions_file:
         ids, captions = _read_captions(args.captions_file)
         outputs = encode.encode_captions(
@@ -141,6 +160,8 @@ def run_index(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--append: no index at {str(output)!r} to add to")
     if args.captions and not args.dataset:
         raise ValueError("--captions indexes a dataset's captions: use it with --dataset")
+    if getattr(args, "skip_bad_images", False) and not args.images:
+        raise ValueError("--skip-bad-images leaves out unreadable --images files: use it with --images")
     model, processor = _load_model(args)
     existing = GalleryIndex.load(output, model=model) if args.append else None
     outputs, ids, texts = _encode_source(args, model, processor)

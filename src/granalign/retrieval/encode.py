@@ -7,6 +7,10 @@ memory; `None` keeps them where the model is, as evaluation does) and returns on
 `GranAlignImageOutput` / `GranAlignTextOutput` whose row `i` is input `i`. Frozen towers' cached outputs
 (`granalign.training.tower_cache.TowerStates`, or anything with its `batch(rows) -> (states, mask)`)
 replace the towers where given.
+
+Image files are read with `granalign.processing_granalign.open_image`, the one image loader: an
+unreadable one (truncated, empty, not an image, too large) is an `UnreadableImageError` naming it, or, with
+`encode_image_files(..., skip_bad=True)`, left out and listed.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from granalign.outputs_granalign import (
@@ -28,12 +31,14 @@ from granalign.outputs_granalign import (
     concat_image_outputs,
     concat_text_outputs,
 )
-from granalign.processing_granalign import _pad_regions
+from granalign.processing_granalign import _pad_regions, open_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "UnreadableImageError",
     "encode_captions",
     "encode_dataset_images",
+    "encode_image_files",
     "encode_image_states",
     "encode_images",
     "encode_regions",
@@ -41,6 +46,10 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be read (truncated, empty, not an image, too large); the message names it."""
 
 
 def list_image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -86,7 +95,8 @@ def _encode_batches(
     output_device: torch.device | str | None,
 ) -> Any:
     """The encode loop: `encode_batch(start, stop, device, dtype)` for each batch of the `count` items,
-    each output moved to `output_device` (None: left where it is), concatenated."""
+    each output moved to `output_device` (None: left where it is), concatenated. A batch may return None
+    (all its items skipped); None when every batch did."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if count == 0:
@@ -100,19 +110,24 @@ def _encode_batches(
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
             output = encode_batch(start, stop, device, dtype)
+            bar.update(stop - start)
+            if output is None:
+                continue
             if output_device is not None:
                 output = type(output)(**{name: value.to(output_device) for name, value in output.items()})
             outputs.append(output)
-            bar.update(stop - start)
+    if not outputs:
+        return None
     concat = concat_image_outputs if isinstance(outputs[0], GranAlignImageOutput) else concat_text_outputs
     return concat(outputs)
 
 
 def _open_image(item: Any) -> Any:
     if isinstance(item, (str, os.PathLike)):
-        with Image.open(item) as image:
-            image.load()
-            return image.copy()
+        try:
+            return open_image(item)
+        except ValueError as error:
+            raise UnreadableImageError(str(error)) from None
     return item
 
 
@@ -134,6 +149,50 @@ def encode_images(
     return _encode_batches(
         model, len(images), batch_size, "encode images", progress, encode_batch, output_device
     )
+
+
+def encode_image_files(
+    model: Any,
+    processor: Any,
+    files: Sequence[str | os.PathLike],
+    batch_size: int = 32,
+    progress: bool = True,
+    output_device: torch.device | str | None = "cpu",
+    skip_bad: bool = False,
+) -> tuple[GranAlignImageOutput, list[Path], list[tuple[Path, str]]]:
+    """Encode image files → `(outputs, encoded, skipped)`: row `i` of `outputs` is file `encoded[i]`.
+
+    A file that cannot be read raises `UnreadableImageError` naming it; with `skip_bad` it is left out of
+    `outputs` and `encoded` and listed in `skipped` as `(file, reason)` (a `ValueError` if no file is left).
+    """
+    paths = [Path(f) for f in files]
+    encoded: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+
+    def encode_batch(start: int, stop: int, device: torch.device, dtype: torch.dtype) -> Any:
+        batch = []
+        for path in paths[start:stop]:
+            try:
+                batch.append(_open_image(path))
+            except (UnreadableImageError, FileNotFoundError) as error:
+                if not skip_bad:
+                    raise UnreadableImageError(str(error)) from None
+                skipped.append((path, str(error)))
+                continue
+            encoded.append(path)
+        if not batch:
+            return None
+        pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
+        return model.encode_image(pixel_values=pixels.to(device, dtype))
+
+    outputs = _encode_batches(
+        model, len(paths), batch_size, "encode images", progress, encode_batch, output_device
+    )
+    if outputs is None:
+        raise ValueError(
+            f"none of the {len(paths)} image files can be read, e.g. {skipped[0][1]}; nothing to encode"
+        )
+    return outputs, encoded, skipped
 
 
 def encode_regions(
