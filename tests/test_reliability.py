@@ -455,7 +455,16 @@ def test_caption_lengths_the_text_tower_cannot_take_are_refused(tmp_path):
             processor(text=[long_caption, "dog"], truncation=truncation, padding="longest")
     short = processor(text=["red " * 30, "dog"], truncation=False, padding="longest")
     assert short["input_ids"].shape == (2, 32)  # within the tower's positions: allowed
-    tiny_model(None).encode_text(short["input_ids"], short["attention_mask"])
+    model = tiny_model(None)
+    model.encode_text(short["input_ids"], short["attention_mask"])
+    # a tokenizer that does not know the tower's limit: the model names it, not an index error in torch
+    tokenizer.model_max_length = 10**9
+    longer = processor(text=[long_caption], truncation=False, padding="longest")
+    positions = model.config.text_config.max_position_embeddings
+    with pytest.raises(
+        ValueError, match=f"102 tokens long, more than the text tower's max_position_embeddings={positions}"
+    ):
+        model.encode_text(longer["input_ids"], longer["attention_mask"])
     # at or below the 2 special tokens BERT adds, the tokenizer returns the whole caption or no word of it
     assert processor(text="a red dog", max_length=3)["input_ids"].shape == (1, 3)
     for length in (1, 2):

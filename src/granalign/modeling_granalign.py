@@ -515,6 +515,12 @@ class GranAlignModel(GranAlignPreTrainedModel):
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         _check_mask(attention_mask, reference.shape[:2], "attention_mask", "caption needs at least one token")
         tower_output = None
+        positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        if text_hidden_states is None and isinstance(positions, int) and input_ids.shape[1] > positions:
+            raise ValueError(
+                f"input_ids are {input_ids.shape[1]} tokens long, more than the text tower's "
+                f"max_position_embeddings={positions}: tokenize with max_length <= {positions}"
+            )
         if text_hidden_states is None:
             tower_output = self.text_model(
                 input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs
