@@ -19,17 +19,22 @@ Implemented (what the clients call, found by reading them and logging their requ
   namespaces. `fail_next(...)` makes chosen requests fail; `requests` logs every request.
 Not implemented: pull requests, Xet storage, tags, gated repos, pagination (listings are returned whole).
 The handlers live in `hub_api_write.py` and `hub_api_read.py`, the storage model in `hub_store.py`.
+Helpers for tests: `client_env(home, token)` (a client process's environment) and `put_files(...)`
+(commit files straight into the store).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -88,6 +93,37 @@ class HubServer:
 
     def sign(self, oid: str) -> str:
         return hmac.new(self._secret.encode(), oid.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def client_env(
+        self, home: str | os.PathLike[str], token: str | None = None, **extra: str
+    ) -> dict[str, str]:
+        """The environment of a client process whose Hub is this server: this process's, without any HF_*,
+        proxy or transformers variable, plus the endpoint, its own `HF_HOME` (created, empty at first)
+        and `token` (none: anonymous)."""
+        dropped = ("HF_", "HUGGING", "TRANSFORMERS_", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith(dropped)}
+        env.update(HF_ENDPOINT=self.endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(home),
+                   HF_MODULES_CACHE=str(Path(home) / "modules"), HF_HUB_DISABLE_TELEMETRY="1",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost", TOKENIZERS_PARALLELISM="false",
+                   PYTHONWARNINGS="ignore", **({"HF_TOKEN": token} if token else {}), **extra)  # fmt: skip
+        Path(home).mkdir(parents=True, exist_ok=True)
+        return env
+
+    def put_files(
+        self, repo_type: str, repo_id: str, files: dict[str, bytes], message: str = "Upload"
+    ) -> str:
+        """Commit `files` (repo path → bytes) to `main` of a public repo, created if missing, straight into
+        the store (no HTTP): `*.safetensors` and `*.whl` as LFS objects, like a push. Returns the commit id."""
+        repo = self.store.get(repo_type, repo_id) or self.store.create_repo(repo_type, repo_id, private=False)
+        operations = []
+        for path, data in sorted(files.items()):
+            if path.endswith((".safetensors", ".whl")):
+                oid = hashlib.sha256(data).hexdigest()
+                self.store.put_lfs_object(repo, oid, data)
+                operations.append(("lfsFile", {"path": path, "oid": oid}))
+            else:
+                operations.append(("file", {"path": path, "content": base64.b64encode(data).decode()}))
+        return self.store.commit(repo, "main", operations, message, "", None).oid
 
 
 def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:

@@ -24,8 +24,8 @@ from transformers import ViTImageProcessorPil
 from granalign import GranAlignProcessor
 from granalign.cli import main
 
-HEAVY = ("torch", "transformers", "datasets", "accelerate")
-COMMANDS = ("train", "evaluate", "push", "index", "search", "explain", "demo")
+HEAVY = ("torch", "transformers", "datasets", "accelerate", "onnx", "onnxruntime", "onnxscript")
+COMMANDS = ("train", "evaluate", "push", "index", "search", "explain", "demo", "export-onnx")
 ORG = "granalign-org"
 
 

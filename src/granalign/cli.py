@@ -1,4 +1,4 @@
-"""The `granalign` command line: `train | evaluate | push | index | search | explain | demo`.
+"""The `granalign` command line: `train | evaluate | push | index | search | explain | demo | export-onnx`.
 
     granalign train configs/tiny.yaml [--set train.epochs=2 ...] [--output-dir DIR] [--resume [CKPT] | --overwrite-output-dir]
                     [--push-to-hub --hub-model-id org/name]
@@ -7,6 +7,7 @@
     granalign push runs/tiny/final --repo-id org/name
     granalign index MODEL ... / granalign search INDEX ...   (see `granalign index --help`)
     granalign explain MODEL --image IMG --text "a caption"  /  granalign demo MODEL
+    granalign export-onnx MODEL --output DIR   (the two encoders as ONNX, checked with onnxruntime)
 
 Errors in user input (a bad recipe key, an unknown dataset or protocol, a missing file) print one line
 and exit with status 2; `--debug` shows the full traceback instead.
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from granalign.cli_parsers import (
     add_demo_parser,
     add_explain_parser,
+    add_export_onnx_parser,
     add_index_parser,
     add_push_parser,
     add_search_parser,
@@ -133,6 +135,7 @@ _SUBCOMMANDS.update(
     explain=lazy_runner("granalign.viz.cli_viz:run_explain"),
     demo=lazy_runner("granalign.viz.cli_viz:run_demo"),
 )
+_SUBCOMMANDS["export-onnx"] = lazy_runner("granalign.export_onnx:run_export_onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(commands)
     add_explain_parser(commands)
     add_demo_parser(commands)
+    add_export_onnx_parser(commands)
     return parser
 
 

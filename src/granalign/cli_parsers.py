@@ -1,5 +1,5 @@
-"""Argument parsers of the `granalign` sub-commands `push | index | search | explain | demo`, and the
-`train --push-to-hub` flags.
+"""Argument parsers of the `granalign` sub-commands `push | index | search | explain | demo | export-onnx`,
+and the `train --push-to-hub` flags.
 
 This module imports only `argparse`, so `granalign --help` and `granalign COMMAND --help` start in a
 fraction of a second: the commands themselves (`granalign.hub.cli_push`, `granalign.retrieval.cli_retrieval`,
@@ -23,6 +23,7 @@ __all__ = [
     "SHORTLIST_SOURCES",
     "add_demo_parser",
     "add_explain_parser",
+    "add_export_onnx_parser",
     "add_index_parser",
     "add_push_parser",
     "add_search_parser",
@@ -90,6 +91,14 @@ def add_push_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     push.add_argument(
         "--tag", action="append", dest="tags", metavar="TAG", help="extra card tag (repeatable)"
+    )
+    push.add_argument(
+        "--with-wheel",
+        nargs="?",
+        const="auto",
+        metavar="WHEEL",
+        help="also upload a granalign wheel (default: dist/granalign-<version>-py3-none-any.whl, from "
+        "`pip wheel --no-deps --wheel-dir dist .`), which the Space of spaces/app.py installs granalign from",
     )
     push.add_argument(
         "--dry-run", action="store_true", help="check the directory and print the card; push nothing"
@@ -235,6 +244,36 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     parser.set_defaults(func=lazy_runner("granalign.viz.cli_viz:run_demo"))
+    return parser
+
+
+# -------------------------------------------------------------------------------------------- export-onnx
+
+
+def add_export_onnx_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `export-onnx` sub-command to `subparsers`."""
+    parser = subparsers.add_parser(
+        "export-onnx",
+        help="export the image and text encoders to ONNX (checked against PyTorch with onnxruntime)",
+        description="Writes encode_image.onnx and encode_text.onnx (unit global embeddings; dynamic batch, "
+        "caption length and region count), the processor files and granalign_onnx.json into --output, then "
+        "runs both with onnxruntime and compares them with PyTorch. Needs pip install 'granalign[onnx]'.",
+    )
+    parser.add_argument("model", help="saved model directory or Hub repo id")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write the ONNX files to")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of MODEL")
+    parser.add_argument(
+        "--fine-grained",
+        action="store_true",
+        help="also output GRM's token and region parts (tokens, keep_weights, region_tokens, ...)",
+    )
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="largest allowed abs difference between onnxruntime and PyTorch outputs (default 1e-4)",
+    )
     return parser
 
 

@@ -2,7 +2,7 @@
 parsers live in the light `granalign.cli_parsers`, re-exported here).
 
 granalign push runs/tiny/final --repo-id me/granalign-tiny [--private] [--revision BRANCH]
-               [--eval-json [DATASET=]FILE ...] [--token TOKEN] [--dry-run]
+               [--eval-json [DATASET=]FILE ...] [--token TOKEN] [--with-wheel [WHEEL]] [--dry-run]
 granalign train configs/tiny.yaml --push-to-hub --hub-model-id me/granalign-tiny [--hub-private]
                 [--hub-revision BRANCH] [--hub-push-every-checkpoint] [--hub-token TOKEN]
 """
@@ -15,7 +15,7 @@ from ..cli_parsers import add_push_parser, add_train_push_arguments
 from .callback import HubPushCallback
 from .eval_results import parse_eval_spec
 from .model_dir import verify_model_dir
-from .push import PushError, card_for_push, check_repo_id, collect_model_files, push_model_dir
+from .push import PushError, card_for_push, check_repo_id, check_wheel, collect_model_files, push_model_dir
 
 __all__ = ["add_push_parser", "add_train_push_arguments", "push_callback_from_args", "run_push"]
 
@@ -25,6 +25,13 @@ def run_push(args: argparse.Namespace) -> int:
     evals = [parse_eval_spec(spec) for spec in args.eval_json] if args.eval_json else None
     card_kwargs = {"recipe": args.recipe, "license": args.license, "datasets": args.datasets,
                    "base_models": args.base_models, "tags": args.tags or ()}  # fmt: skip
+    wheel = getattr(args, "with_wheel", None)
+    if wheel == "auto":
+        from granalign import __version__
+
+        wheel = f"dist/granalign-{__version__}-py3-none-any.whl"
+    if wheel is not None:
+        check_wheel(wheel)
     if args.dry_run:
         from .model_card import validate_model_card
 
@@ -37,7 +44,7 @@ def run_push(args: argparse.Namespace) -> int:
     try:
         result = push_model_dir(args.model_dir, args.repo_id, token=args.token, private=args.private,
                                 revision=args.revision, commit_message=args.commit_message, eval_json=evals,
-                                **card_kwargs)  # fmt: skip
+                                wheel=wheel, **card_kwargs)  # fmt: skip
     except OSError as err:  # network / Hub errors: nothing was committed unless the commit itself succeeded
         raise OSError(
             f"{err}\nre-run the same command to complete the push (uploaded files are not sent twice)"

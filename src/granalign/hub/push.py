@@ -3,7 +3,9 @@
 What goes up: the safetensors weights (and their index when sharded), `config.json` with its `auto_map`,
 the model code files it names (`*_granalign.py`), the processor and tokenizer files, the training
 recipe and metrics JSON when present, the Inference Endpoints custom handler (`handler.py`, with its
-`requirements.txt`; see `granalign/hub/templates/handler.py`) and a generated model card (`README.md`). Everything is checked
+`requirements.txt`; see `granalign/hub/templates/handler.py`), a generated model card (`README.md`) and,
+when asked (`wheel=`, `granalign push --with-wheel`), a granalign wheel that the Space of
+`spaces/app.py` installs the package from (any other `granalign-*.whl` is deleted). Everything is checked
 before the first request; the files are then uploaded (LFS objects first) and recorded in a single
 commit, so an interrupted push leaves the branch as it was and simply re-running it completes it
 (already-uploaded LFS objects are not sent again). Weights and code files of an earlier push that the
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,7 @@ __all__ = [
     "PushResult",
     "card_for_push",
     "check_repo_id",
+    "check_wheel",
     "collect_model_files",
     "push_directory",
     "push_model_dir",
@@ -56,6 +60,8 @@ __all__ = [
 MANAGED_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "*_granalign.py")
 logger = logging.getLogger(__name__)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# a pure-Python granalign wheel (`pip wheel --no-deps .`), pushed beside the model for spaces/app.py
+WHEEL_NAME = re.compile(r"^granalign-[A-Za-z0-9_.+!]+-py3-none-any\.whl$")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,25 @@ def check_repo_id(repo_id: str) -> str:
             f"repo name must be at most 96 characters and not end in '.git' or '.', got {repo_id!r}"
         )
     return repo_id
+
+
+def check_wheel(wheel: str | os.PathLike[str]) -> Path:
+    """`wheel` if it is a pure-Python granalign wheel file (`granalign-<version>-py3-none-any.whl`, holding
+    the `granalign` package), else raise `PushError` saying how to build one."""
+    path = Path(wheel)
+    build = "build it with `pip wheel --no-deps --wheel-dir dist .` in the granalign source folder"
+    if not path.is_file():
+        raise PushError(f"wheel {str(path)!r} does not exist; {build}")
+    if not WHEEL_NAME.match(path.name):
+        raise PushError(f"{path.name!r} is not a granalign-<version>-py3-none-any.whl wheel; {build}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except zipfile.BadZipFile:
+        raise PushError(f"wheel {str(path)!r} is not a zip archive; {build}") from None
+    if "granalign/__init__.py" not in names:
+        raise PushError(f"wheel {str(path)!r} does not hold the granalign package; {build}")
+    return path
 
 
 def resolve_token(token: str | None = None) -> str:
@@ -141,18 +166,20 @@ def push_model_dir(
     base_models: Sequence[str] | None = None,
     tags: Sequence[str] = (),
     endpoint: str | None = None,
+    wheel: str | os.PathLike[str] | None = None,
 ) -> PushResult:
     """Upload the saved model in `model_dir` with a generated model card to `repo_id` in one commit.
 
     Creates the repo (`private` applies only when it is created) and the `revision` branch (from `main`)
     if needed; with `create_pr` the commit is opened as a pull request against that branch. `eval_json`
     defaults to the directory's `metrics.json` (training summary) or `dev_metrics.json`; `recipe` to its
-    `granalign_recipe.yaml`. Returns the commit that was made.
+    `granalign_recipe.yaml`. `wheel` (a granalign wheel file, see `check_wheel`) is uploaded beside the
+    model, replacing any other granalign wheel there. Returns the commit that was made.
     """
     info, names, stale, branch = push_directory(
         model_dir, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
         commit_description=commit_description, create_pr=create_pr, eval_json=eval_json, recipe=recipe,
-        license=license, datasets=datasets, base_models=base_models, tags=tags, endpoint=endpoint,
+        license=license, datasets=datasets, base_models=base_models, tags=tags, endpoint=endpoint, wheel=wheel,
     )  # fmt: skip
     return PushResult(repo_id, branch, info.oid, info.commit_url, names, stale)
 
@@ -171,6 +198,7 @@ def push_directory(
     eval_json: EvalSource | Sequence[EvalSource] | str | os.PathLike[str] | Mapping[str, Any] | None = None,
     recipe: Any = None,
     endpoint: str | None = None,
+    wheel: str | os.PathLike[str] | None = None,
     **card_kwargs: Any,
 ) -> tuple[CommitInfo, tuple[str, ...], tuple[str, ...], str]:
     """`push_model_dir` without the result wrapper: returns the `CommitInfo`, the files written, the stale
@@ -181,12 +209,15 @@ def push_directory(
     check_repo_id(repo_id)
     files = collect_model_files(model_dir, require_processor=require_processor)
     verify_model_dir(model_dir, require_processor=require_processor)
+    wheel_path = None if wheel is None else check_wheel(wheel)
     token = resolve_token(None if isinstance(token, bool) else token)
     directory = Path(model_dir)
     names = [p.name for p in files]
     if recipe is not None:  # an explicit recipe replaces the directory's: the card describes it
         files = [p for p in files if p.name != RECIPE_FILE]
         names = [p.name for p in files] + [RECIPE_FILE]
+    if wheel_path is not None:
+        files, names = [*files, wheel_path], [*names, wheel_path.name]
     api = HfApi(endpoint=endpoint, token=token, library_name="granalign", library_version=_version())
     with hub_connection(api.endpoint):  # network failures name the endpoint
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -201,8 +232,9 @@ def push_directory(
             keep = {module + ".py" for module in auto_map_modules(processor_config)}
         card = card_for_push(directory, repo_id, eval_json, recipe=recipe, revision=revision, **card_kwargs)
         validate_model_card(card)
+        managed = (*MANAGED_PATTERNS, "granalign-*.whl") if wheel_path is not None else MANAGED_PATTERNS
         stale = [f for f in remote if "/" not in f and f not in names and f not in keep
-                 and any(fnmatch.fnmatch(f, p) for p in MANAGED_PATTERNS)]  # fmt: skip
+                 and any(fnmatch.fnmatch(f, p) for p in managed)]  # fmt: skip
         operations: list[Any] = [
             CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files
         ]
