@@ -5,7 +5,9 @@ model revision that encoded it (`GalleryIndex`), and searched either exhaustivel
 fine-grained kernel or in two stages: a cheap shortlist (`shortlist`: the region level of GRM, or the
 global embeddings with exact matmul / FAISS) re-ranked by the fine-grained score of the shortlisted
 pairs only (`rerank`). `two_stage_scores` (`matrix`) is the same engine as a full score matrix for
-the evaluation protocol.
+the evaluation protocol. For galleries too large to scan, `TokenIndex` (`multivector`) keeps the tokens
+on disk (int8 / fp16, memory-mapped) and shortlists sub-linearly over token vectors with FAISS (PLAID /
+ColBERT-style per-token candidate gathering) before the same exact re-rank.
 
 Example:
 ```python
@@ -28,6 +30,7 @@ from granalign.retrieval.encode import (
 from granalign.retrieval.fingerprint import model_fingerprint, model_revision
 from granalign.retrieval.index import FEATURE_VERSION, GalleryIndex
 from granalign.retrieval.matrix import shortlist_pairs, two_stage_scores
+from granalign.retrieval.multivector import TokenIndex, build_token_index_distributed, merge_token_indices
 from granalign.retrieval.rerank import pair_level_scores, pair_scores
 from granalign.retrieval.search import (
     DEFAULT_IMAGE_QUERY_SHORTLIST,
@@ -36,6 +39,7 @@ from granalign.retrieval.search import (
     default_shortlist,
     exhaustive_topk,
     region_topk,
+    rerank_candidates,
     search,
     two_stage_topk,
 )
@@ -48,6 +52,8 @@ __all__ = [
     "EmbeddingShortlist",
     "GalleryIndex",
     "SearchResult",
+    "TokenIndex",
+    "build_token_index_distributed",
     "default_shortlist",
     "encode_captions",
     "encode_dataset_images",
@@ -58,12 +64,14 @@ __all__ = [
     "exhaustive_topk",
     "faiss_available",
     "list_image_files",
+    "merge_token_indices",
     "model_fingerprint",
     "model_revision",
     "pair_level_scores",
     "pair_scores",
     "region_level_scores",
     "region_topk",
+    "rerank_candidates",
     "search",
     "shortlist_pairs",
     "two_stage_scores",

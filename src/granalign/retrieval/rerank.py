@@ -41,6 +41,9 @@ _SCORED = ("tokens", "token_mask", "keep_weights", "region_tokens")
 
 def _code_rows(outputs: Any, rows: torch.Tensor, dtype: torch.dtype | None, device: Any) -> Any:
     """Code the items at `rows` of image or text outputs (in that order), trailing padding dropped."""
+    count = outputs.tokens.shape[0]
+    if rows.numel() == count and torch.equal(rows.cpu(), torch.arange(count)):
+        rows = slice(0, count)  # every item in order (e.g. a gallery of exactly the candidates): no copy
     part = select_rows(outputs, rows, device, names=_SCORED)
     if isinstance(outputs, GranAlignImageOutput):
         return code_images(part.tokens, part.token_mask, part.keep_weights, part.region_tokens, dtype)

@@ -40,6 +40,7 @@ __all__ = [
     "default_shortlist",
     "exhaustive_topk",
     "region_topk",
+    "rerank_candidates",
     "search",
     "two_stage_topk",
 ]
@@ -225,13 +226,33 @@ def two_stage_topk(
     shortlist = default_shortlist(queries) if shortlist is None else shortlist
     if k < 1 or shortlist < 1:
         raise ValueError(f"k and shortlist must be >= 1, got {k} and {shortlist}")
-    num_items, num_queries = gallery.tokens.shape[0], queries.tokens.shape[0]
+    num_items = gallery.tokens.shape[0]
     size = min(max(shortlist, k), num_items)
     if shortlist_by == "regions":
         _, candidates = region_topk(model, gallery, queries, size, dtype=dtype, device=device)
     else:
         shortlister = shortlister if shortlister is not None else EmbeddingShortlist(_embeds(gallery))
         _, candidates = shortlister.topk(_embeds(queries), size, backend)  # [Q, size], -1 = not found
+    return rerank_candidates(
+        model, gallery, queries, candidates, k, pair_chunk_size=pair_chunk_size, dtype=dtype, device=device
+    )
+
+
+@torch.no_grad()
+def rerank_candidates(
+    model: Any,
+    gallery: Outputs,
+    queries: Outputs,
+    candidates: torch.Tensor,
+    k: int,
+    pair_chunk_size: int = 1024,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second stage: each query's `candidates` `[Q, C]` (gallery rows, -1 = none) re-ranked by the
+    GRM score → scores and gallery rows `[Q, min(k, C)]` (CPU; -inf / -1 where a query had fewer)."""
+    _check_roles(gallery, queries)
+    num_queries = queries.tokens.shape[0]
     found = candidates >= 0
     query_rows = torch.arange(num_queries).repeat_interleave(candidates.shape[1])[found.flatten()]
     fine = _rerank(
@@ -241,7 +262,8 @@ def two_stage_topk(
     scores = torch.full(candidates.shape, -torch.inf)
     scores[found] = fine
     best_scores, position = scores.topk(min(k, candidates.shape[1]), dim=1)
-    return best_scores, candidates.gather(1, position)
+    rows = candidates.gather(1, position)
+    return best_scores, rows.masked_fill(best_scores == -torch.inf, -1)
 
 
 def search(

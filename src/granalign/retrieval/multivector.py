@@ -1,0 +1,767 @@
+"""A multi-vector first stage (FAISS over image token vectors), with a compact on-disk re-rank store.
+
+`TokenIndex` is a directory holding two things for an image gallery:
+
+* **a FAISS index of first-stage token vectors** (PLAID / ColBERT style): for every image its
+  `first_stage_tokens` tokens of highest keep probability (the significance adapter's choice; all real
+  tokens when `None`), unit-normalised, each stored with its image row as FAISS id. A caption query
+  searches the `token_k` nearest image tokens of each of its tokens (or of its `query_tokens` tokens of
+  highest keep weight); the images they belong to are the candidates, ranked by an approximate text-side late interaction (`aggregate_token_hits`): for each
+  caption token `i` the best retrieved cosine of the image, or the lowest cosine retrieved for that token
+  when the image was not retrieved (missing-similarity imputation, as XTR / ColBERTv2 do), LeakyReLU'd
+  and averaged with weights `w_o + w_k · a_i` (the original and key levels' caption-side weights). With
+  an exact FAISS index and `token_k` covering every stored token this is exactly the text-side term of
+  those levels over the first-stage tokens (`tests/test_multivector.py`).
+* **a re-rank store** (`TokenStore`): per image its re-rank tokens (all real tokens, or the
+  `rerank_tokens` of highest keep probability), their keep weights, its region tokens and its global
+  embedding, in flat append-only files read through `numpy.memmap`. Tokens and regions are stored as
+  ``float32``, ``float16`` or ``int8`` (symmetric, one scale per vector, which is dropped: the kernel
+  unit-normalises every token, so the int8 codes are decoded as-is).
+
+`token_k` must cover the image tokens a caption token's concept has in the gallery: it grows with the
+number of images sharing a concept (benchmarks/README.md, `bench_search_scale.py`: 256 suffices at 10k
+synthetic images, 4,096 at 100k).
+
+The top `candidates` images of the first stage are re-ranked by the exact GRM score
+(`rerank.pair_scores`, the one scoring kernel) on the stored tokens. With ``float32`` storage of every
+token and exhaustive first-stage parameters the result is the exhaustive ranking.
+
+Building streams (`add` appends chunks: tokens go straight to disk, only the FAISS training sample is
+buffered), indices are appendable (`TokenIndex.open(path).add(...)`) and can be built in shards, one per
+process, and merged (`train_first_stage`, `merge_token_indices`, `build_token_index_distributed`).
+Needs faiss (the `retrieval` extra); the rest of `granalign.retrieval` works without it.
+
+Layout of the directory:
+
+| file | content |
+|---|---|
+| `meta.json` | format, version, model fingerprint/revision/name, dims, codec, settings, counts |
+| `ids.txt` | one item id per line, in row order |
+| `tokens.bin`, `keep.bin`, `lengths.bin` | re-rank tokens `[T, d]` (codec), keep weights `[T]` (fp16), tokens per image `[N]` (int32) |
+| `regions.bin`, `embeds.bin` | region tokens `[N, K, d]` (codec, absent without regions), global embeddings `[N, d]` (fp16) |
+| `first_stage.faiss` | the FAISS index of first-stage token vectors, ids = image rows |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from granalign.outputs_granalign import GranAlignImageOutput, GranAlignTextOutput
+from granalign.retrieval.fingerprint import describe_model, model_fingerprint, model_revision
+
+__all__ = [
+    "CODECS",
+    "TOKEN_INDEX_FORMAT",
+    "TokenIndex",
+    "TokenStore",
+    "aggregate_token_hits",
+    "build_token_index_distributed",
+    "first_stage_query_tokens",
+    "merge_token_indices",
+    "select_tokens",
+    "shard_range",
+]
+
+TOKEN_INDEX_FORMAT = "granalign-token-index"
+TOKEN_INDEX_VERSION = 1
+CODECS = ("float32", "float16", "int8")
+_NUMPY = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+_FAISS_FILE = "first_stage.faiss"
+_TRAINED_FILE = "trained.faiss"
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss is in the retrieval extra
+        raise ImportError(
+            "the multi-vector token index needs faiss: pip install 'granalign[retrieval]'"
+        ) from None
+    return faiss
+
+
+def _ivf(index: Any) -> Any:
+    """The IVF index inside `index` (through pre-transforms), or None for flat and graph indices."""
+    try:
+        return _faiss().extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+# ------------------------------------------------------------------ codecs and token selection
+
+
+def encode_vectors(vectors: torch.Tensor, codec: str) -> np.ndarray:
+    """`[..., d]` float vectors → codes of `codec` (int8: `round(127 · x / max|x|)` per vector)."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
+    vectors = vectors.detach().to("cpu", torch.float32)
+    if codec == "int8":
+        scale = 127.0 / vectors.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+        return torch.round(vectors * scale).clamp(-127, 127).to(torch.int8).numpy()
+    return vectors.numpy().astype(_NUMPY[codec])
+
+
+def decode_vectors(codes: np.ndarray) -> torch.Tensor:
+    """Codes → float32 vectors, up to a positive scale per vector (all the kernel needs: it normalises)."""
+    return torch.from_numpy(np.array(codes, dtype=np.float32))
+
+
+def select_tokens(
+    token_mask: torch.Tensor, keep_weights: torch.Tensor, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item, the real tokens of highest keep weight (at most `limit`; all real tokens for `None`).
+
+    Returns `(items, positions)` `[T]`: item row and token position of every selected token, grouped by
+    item and in token order within it. Ties go to the earlier token.
+    """
+    valid = token_mask.ne(0)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"a token limit must be >= 1 or None, got {limit}")
+        score = torch.where(
+            valid, keep_weights.float(), torch.full_like(keep_weights, -1.0, dtype=torch.float)
+        )
+        order = torch.argsort(score, dim=1, descending=True, stable=True)[:, :limit]
+        chosen = torch.zeros_like(valid)
+        chosen.scatter_(1, order, True)
+        valid = valid & chosen
+    items, positions = valid.nonzero(as_tuple=True)
+    return items, positions
+
+
+def _unit(vectors: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(F.normalize(vectors.detach().to("cpu", torch.float32), dim=-1).numpy())
+
+
+def first_stage_query_tokens(
+    queries: GranAlignTextOutput, config: Any = None, limit: int | None = None
+) -> tuple[np.ndarray, ...]:
+    """The caption tokens a first-stage search sends to FAISS: every real token, or each caption's `limit`
+    tokens of highest keep weight (`select_tokens`).
+
+    Returns unit vectors `[T, d]` (float32), their query row `[T]` and weight `[T]` (`w_o + w_k · a_i`
+    with the config's `effective_level_weights`; `a_i` alone without a config).
+    """
+    items, positions = select_tokens(queries.token_mask, queries.keep_weights, limit)
+    keep = queries.keep_weights[items, positions].float()
+    if config is not None:
+        original, key = config.effective_level_weights[:2]
+        weights = original + key * keep
+    else:
+        weights = keep
+    vectors = _unit(queries.tokens[items, positions])
+    return vectors, items.numpy().astype(np.int64), weights.numpy().astype(np.float64)
+
+
+def _leaky(values: np.ndarray, slope: float) -> np.ndarray:
+    return np.where(values >= 0, values, values * slope)
+
+
+def aggregate_token_hits(
+    similarities: np.ndarray,
+    images: np.ndarray,
+    token_query: np.ndarray,
+    token_weight: np.ndarray,
+    num_queries: int,
+    candidates: int,
+    negative_slope: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank the images the query tokens retrieved by an approximate caption-side late interaction.
+
+    Args:
+        similarities, images: `[T, k]` FAISS results of the `T` query tokens (cosines, image rows; -1
+            for no hit).
+        token_query, token_weight: `[T]` query row and weight of each token.
+        num_queries: Q; candidates: images kept per query.
+
+    The score of (query q, image n) is `Σ_i w_i · LeakyReLU(c_in) / Σ_i w_i` over q's tokens, `c_in` the
+    best cosine among n's retrieved tokens for token i, or token i's lowest retrieved cosine when none of
+    n's tokens was retrieved. Returns scores and image rows `[Q, candidates]`, best first (-inf / -1 where
+    a query retrieved fewer images).
+    """
+    similarities = np.asarray(similarities, dtype=np.float64)
+    images = np.asarray(images, dtype=np.int64)
+    num_tokens, width = images.shape
+    out_scores = torch.full((num_queries, candidates), -torch.inf)
+    out_rows = torch.full((num_queries, candidates), -1, dtype=torch.long)
+    valid = images >= 0
+    values = _leaky(similarities, negative_slope)
+    floor = np.where(valid, values, np.inf).min(axis=1) if width else np.zeros(num_tokens)
+    floor = np.where(np.isfinite(floor), floor, 0.0)
+    weight_sum = np.bincount(token_query, token_weight, minlength=num_queries)
+    base = np.bincount(token_query, token_weight * floor, minlength=num_queries)
+    token_of = np.repeat(np.arange(num_tokens, dtype=np.int64), width)[valid.ravel()]
+    image_of = images.ravel()[valid.ravel()]
+    value_of = values.ravel()[valid.ravel()]
+    if image_of.size == 0:
+        return out_scores, out_rows
+    span = int(image_of.max()) + 1
+    # best hit of each (token, image): the max over the image's retrieved tokens
+    key = token_of * span + image_of
+    order = np.argsort(key, kind="stable")
+    key, value_of = key[order], value_of[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    best = np.maximum.reduceat(value_of, starts)
+    token_of, image_of = key[starts] // span, key[starts] % span
+    gain = token_weight[token_of] * (best - floor[token_of])
+    pair = token_query[token_of] * span + image_of
+    pairs, inverse = np.unique(pair, return_inverse=True)
+    total = np.bincount(inverse, gain)
+    query_of, image_of = pairs // span, pairs % span
+    score = (base[query_of] + total) / np.maximum(weight_sum[query_of], 1e-12)
+    order = np.lexsort((image_of, -score, query_of))  # per query: best first, ties to the lower row
+    query_of, image_of, score = query_of[order], image_of[order], score[order]
+    bounds = np.searchsorted(query_of, np.arange(num_queries + 1))
+    for query in range(num_queries):
+        start, stop = bounds[query], min(bounds[query + 1], bounds[query] + candidates)
+        count = stop - start
+        out_scores[query, :count] = torch.from_numpy(score[start:stop].astype(np.float32))
+        out_rows[query, :count] = torch.from_numpy(image_of[start:stop])
+    return out_scores, out_rows
+
+
+# ------------------------------------------------------------------ the re-rank store
+
+
+class TokenStore:
+    """Append-only, memory-mapped per-image token storage (see the module docstring for the files)."""
+
+    def __init__(self, path: str | os.PathLike, dim: int, num_regions: int, codec: str) -> None:
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
+        self.path, self.dim, self.num_regions, self.codec = Path(path), dim, num_regions, codec
+        self._maps: dict[str, np.ndarray] | None = None
+        self._offsets: np.ndarray | None = None
+
+    def _file(self, name: str) -> Path:
+        return self.path / f"{name}.bin"
+
+    def _spec(self) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        code = _NUMPY[self.codec]
+        spec = {
+            "tokens": (code, (self.dim,)),
+            "keep": (np.float16, ()),
+            "lengths": (np.int32, ()),
+            "embeds": (np.float16, (self.dim,)),
+        }
+        if self.num_regions:
+            spec["regions"] = (code, (self.num_regions, self.dim))
+        return spec
+
+    def append(
+        self,
+        tokens: np.ndarray,
+        keep: np.ndarray,
+        lengths: np.ndarray,
+        regions: np.ndarray | None,
+        embeds: np.ndarray,
+    ) -> None:
+        """Append encoded arrays (already in the store's dtypes and shapes) to the files."""
+        arrays = {"tokens": tokens, "keep": keep, "lengths": lengths, "embeds": embeds}
+        if self.num_regions:
+            arrays["regions"] = regions
+        for name, (dtype, shape) in self._spec().items():
+            value = np.ascontiguousarray(arrays[name], dtype=dtype)
+            if value.shape[1:] != shape:
+                raise ValueError(
+                    f"store field {name} must be [*, {', '.join(map(str, shape))}], got {value.shape}"
+                )
+            with open(self._file(name), "ab") as handle:
+                handle.write(value.tobytes())
+        self._maps = None
+        self._offsets = None
+
+    def _map(self, name: str) -> np.ndarray:
+        if self._maps is None:
+            self._maps = {}
+            for field, (dtype, shape) in self._spec().items():
+                file = self._file(field)
+                size = file.stat().st_size if file.exists() else 0
+                item = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+                count = size // item
+                self._maps[field] = (
+                    np.memmap(file, dtype=dtype, mode="r", shape=(count, *shape))
+                    if count
+                    else np.zeros((0, *shape), dtype=dtype)
+                )
+        return self._maps[name]
+
+    def __len__(self) -> int:
+        return self._map("lengths").shape[0]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            lengths = np.asarray(self._map("lengths"), dtype=np.int64)
+            self._offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return self._offsets
+
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def nbytes(self) -> int:
+        return sum(self._file(name).stat().st_size for name in self._spec() if self._file(name).exists())
+
+    def outputs(self, rows: torch.Tensor | Sequence[int]) -> GranAlignImageOutput:
+        """The stored images at `rows`, decoded to float32 outputs padded to their longest token count."""
+        rows = np.asarray(torch.as_tensor(rows, dtype=torch.long).cpu().numpy(), dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise ValueError(f"store rows must lie in [0, {len(self)})")
+        starts, lengths = self.offsets[rows], np.asarray(self._map("lengths")[rows], dtype=np.int64)
+        width = max(int(lengths.max()) if rows.size else 1, 1)
+        # decoded in numpy (torch's int8 -> float32 indexed copy is ~10x slower), one read per image
+        tokens = np.zeros((rows.size, width, self.dim), dtype=np.float32)
+        keep = np.zeros((rows.size, width), dtype=np.float32)
+        mask = np.zeros((rows.size, width), dtype=np.int64)
+        codes, weights = self._map("tokens"), self._map("keep")
+        for slot, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
+            tokens[slot, :length] = codes[start : start + length]
+            keep[slot, :length] = weights[start : start + length]
+            mask[slot, :length] = 1
+        tokens, keep, mask = torch.from_numpy(tokens), torch.from_numpy(keep), torch.from_numpy(mask)
+        regions = decode_vectors(self._map("regions")[rows]) if self.num_regions else None
+        embeds = torch.from_numpy(np.asarray(self._map("embeds")[rows], dtype=np.float32))
+        return GranAlignImageOutput(
+            tokens=tokens, token_mask=mask, keep_weights=keep, region_tokens=regions, image_embeds=embeds
+        )
+
+
+# ------------------------------------------------------------------ the index
+
+
+class TokenIndex:
+    """A multi-vector image index on disk: FAISS first stage over token vectors + exact GRM re-rank.
+
+    Example:
+    ```python
+    >>> index = TokenIndex.create("gallery.tokens", model, dim=512, num_regions=5, codec="int8")
+    >>> for ids, images in chunks:              # e.g. encode_images(model, processor, paths[i : i + 256])
+    ...     index.add(images, ids)
+    >>> index.save()
+    >>> TokenIndex.open("gallery.tokens", model=model).search(model, captions, k=10).ids
+    ```
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any], faiss_index: Any = None) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.store = TokenStore(self.path, meta["dim"], meta["num_regions"], meta["codec"])
+        self.ids: list[str] = []
+        self._id_set: set[str] = set()
+        self.faiss_index = faiss_index
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # FAISS training buffer (vectors, rows)
+        self._pending_count = 0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        model: Any = None,
+        *,
+        dim: int,
+        num_regions: int,
+        codec: str = "int8",
+        first_stage_tokens: int | None = 32,
+        rerank_tokens: int | None = None,
+        faiss_factory: str = "IVF1024,PQ64x4fs",
+        train_size: int = 131_072,
+        trained: str | os.PathLike | None = None,
+        fingerprint: str | None = None,
+    ) -> TokenIndex:
+        """A new, empty index directory at `path` (which must not hold an index).
+
+        Args:
+            model: the encoding model (its fingerprint is stored; or pass `fingerprint`).
+            dim, num_regions: token size d and region count K (0: a model without region prompting).
+            codec: storage of the re-rank tokens and regions: "float32", "float16" or "int8".
+            first_stage_tokens: tokens per image in the FAISS index (highest keep weight; None: all).
+            rerank_tokens: tokens per image kept for the re-rank (highest keep weight; None: all, exact).
+            faiss_factory: FAISS `index_factory` string (inner product) of the first stage.
+            train_size: first-stage vectors buffered to train it (IVF / PQ), then added.
+            trained: a trained, empty FAISS index file to start from (shards of one build share it).
+        """
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
+        path = Path(path)
+        if (path / "meta.json").exists():
+            raise FileExistsError(f"{str(path)!r} already holds a token index: open it to append")
+        path.mkdir(parents=True, exist_ok=True)
+        faiss = _faiss()
+        if trained is not None:
+            index = faiss.read_index(str(trained))
+        else:
+            index = faiss.index_factory(dim, faiss_factory, faiss.METRIC_INNER_PRODUCT)
+            if _ivf(index) is None:  # flat or graph indices take no ids of their own
+                index = faiss.IndexIDMap2(index)
+        if index.ntotal:
+            raise ValueError("a trained starting index must be empty")
+        meta = {
+            "format": TOKEN_INDEX_FORMAT,
+            "version": TOKEN_INDEX_VERSION,
+            "model_fingerprint": fingerprint if fingerprint is not None else model_fingerprint(model),
+            "model_revision": model_revision(model) if model is not None else None,
+            "model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            "dim": int(dim),
+            "num_regions": int(num_regions),
+            "codec": codec,
+            "first_stage_tokens": first_stage_tokens,
+            "rerank_tokens": rerank_tokens,
+            "faiss_factory": faiss_factory,
+            "train_size": int(train_size),
+            "num_items": 0,
+        }
+        (path / "ids.txt").write_text("")
+        result = cls(path, meta, index)
+        result.save()  # an empty index on disk can be opened and appended to
+        return result
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, model: Any = None) -> TokenIndex:
+        """Open an index directory (to search or append); with `model`, refuse another model's index."""
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"no token index at {str(path)!r}")
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != TOKEN_INDEX_FORMAT or meta.get("version") != TOKEN_INDEX_VERSION:
+            raise ValueError(
+                f"{str(path)!r} is not a version-{TOKEN_INDEX_VERSION} granalign token index "
+                f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
+            )
+        faiss = _faiss()
+        index = faiss.read_index(str(path / _FAISS_FILE))
+        result = cls(path, meta, index)
+        result.ids = (path / "ids.txt").read_text().splitlines()
+        result._id_set = set(result.ids)
+        if len(result.ids) != meta["num_items"] or len(result.store) != meta["num_items"]:
+            raise ValueError(
+                f"{str(path)!r} is damaged: meta says {meta['num_items']} items, ids.txt has "
+                f"{len(result.ids)} and the store {len(result.store)}"
+            )
+        if model is not None:
+            result.check_model(model)
+        return result
+
+    def check_model(self, model: Any) -> None:
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.meta["model_fingerprint"]:
+            stored = describe_model(
+                self.meta["model_fingerprint"],
+                self.meta.get("model_revision"),
+                self.meta.get("model_name_or_path"),
+            )
+            raise ValueError(
+                f"this token index was built by model {stored}, not by the given model "
+                f"({fingerprint[:12]}): rebuild it with this model"
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenIndex({len(self)} images at {str(self.path)!r}, codec={self.meta['codec']}, "
+            f"first stage {self.meta['faiss_factory']!r} over {self.meta['first_stage_tokens']} tokens/image)"
+        )
+
+    # ------------------------------------------------------------------ adding
+
+    def add(self, outputs: GranAlignImageOutput, ids: Sequence[str]) -> TokenIndex:
+        """Append encoded images (one new id each): their tokens go to disk, their first-stage vectors to
+        FAISS (or to the training buffer until `train_size` vectors are collected)."""
+        ids = [str(item) for item in ids]
+        count = outputs.tokens.shape[0]
+        if len(ids) != count:
+            raise ValueError(f"got {len(ids)} ids for {count} encoded images")
+        if len(set(ids)) != len(ids) or self._id_set.intersection(ids):
+            clash = sorted({i for i in ids if ids.count(i) > 1} | self._id_set.intersection(ids))
+            raise ValueError(f"image ids must be new and unique; repeated: {clash[:5]}")
+        if outputs.tokens.shape[-1] != self.meta["dim"]:
+            raise ValueError(f"expected {self.meta['dim']}-d tokens, got {outputs.tokens.shape[-1]}")
+        regions = getattr(outputs, "region_tokens", None)
+        num_regions = 0 if regions is None else regions.shape[1]
+        if num_regions != self.meta["num_regions"]:
+            raise ValueError(
+                f"expected {self.meta['num_regions']} region tokens per image, got {num_regions}"
+            )
+        for name in ("tokens", "keep_weights", "image_embeds") + (("region_tokens",) if num_regions else ()):
+            if not bool(torch.isfinite(getattr(outputs, name)).all()):
+                raise ValueError(f"the images' {name} hold NaN or infinite values")
+        first = len(self)
+        codec = self.meta["codec"]
+        items, positions = select_tokens(outputs.token_mask, outputs.keep_weights, self.meta["rerank_tokens"])
+        lengths = np.bincount(items.numpy(), minlength=count).astype(np.int32)
+        self.store.append(
+            encode_vectors(outputs.tokens[items, positions], codec),
+            outputs.keep_weights[items, positions].float().numpy().astype(np.float16),
+            lengths,
+            encode_vectors(regions, codec) if num_regions else None,
+            outputs.image_embeds.detach().float().cpu().numpy().astype(np.float16),
+        )
+        items, positions = select_tokens(
+            outputs.token_mask, outputs.keep_weights, self.meta["first_stage_tokens"]
+        )
+        vectors = _unit(outputs.tokens[items, positions])
+        self._add_first_stage(vectors, items.numpy().astype(np.int64) + first)
+        self.ids.extend(ids)
+        self._id_set.update(ids)
+        with open(self.path / "ids.txt", "a") as handle:
+            handle.write("".join(f"{item}\n" for item in ids))
+        self.meta["num_items"] = len(self.ids)
+        return self
+
+    def _add_first_stage(self, vectors: np.ndarray, rows: np.ndarray) -> None:
+        if self.faiss_index.is_trained and not self._pending:
+            self.faiss_index.add_with_ids(vectors, rows)
+            return
+        self._pending.append((vectors, rows))
+        self._pending_count += len(vectors)
+        if self._pending_count >= self.meta["train_size"]:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if not self._pending:
+            return
+        vectors = np.concatenate([v for v, _ in self._pending])
+        rows = np.concatenate([r for _, r in self._pending])
+        if not self.faiss_index.is_trained:
+            self.faiss_index.train(vectors[: self.meta["train_size"]])
+        self.faiss_index.add_with_ids(vectors, rows)
+        self._pending, self._pending_count = [], 0
+
+    def train_first_stage(self, sample: GranAlignImageOutput) -> None:
+        """Train the (empty) FAISS index on the first-stage vectors of a sample of images."""
+        items, positions = select_tokens(
+            sample.token_mask, sample.keep_weights, self.meta["first_stage_tokens"]
+        )
+        self.faiss_index.train(_unit(sample.tokens[items, positions]))
+
+    def write_trained(self, file: str | os.PathLike) -> None:
+        """Write the trained, still empty FAISS index (the shared start of sharded builds)."""
+        if self.faiss_index.ntotal:
+            raise ValueError("write_trained needs an empty, trained index")
+        _faiss().write_index(self.faiss_index, str(file))
+
+    def save(self) -> TokenIndex:
+        """Train on what is buffered if needed (a gallery smaller than `train_size`), write FAISS and meta."""
+        self._flush_pending()
+        _faiss().write_index(self.faiss_index, str(self.path / _FAISS_FILE))
+        self._write_meta()
+        return self
+
+    def _write_meta(self) -> None:
+        self.meta["num_items"] = len(self.ids)
+        self.meta["num_tokens"] = self.store.num_tokens() if len(self.ids) else 0
+        tmp = self.path / "meta.json.tmp"
+        tmp.write_text(json.dumps(self.meta, indent=1))
+        os.replace(tmp, self.path / "meta.json")
+
+    # ------------------------------------------------------------------ sizes
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes on disk: the re-rank store and the FAISS first stage."""
+        faiss_file = self.path / _FAISS_FILE
+        return {
+            "store": self.store.nbytes(),
+            "first_stage": faiss_file.stat().st_size if faiss_file.exists() else 0,
+        }
+
+    # ------------------------------------------------------------------ search
+
+    def first_stage(
+        self,
+        queries: GranAlignTextOutput,
+        candidates: int = 20,
+        token_k: int = 256,
+        search_params: str = "",
+        config: Any = None,
+        query_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate scores and image rows `[Q, candidates]` of each caption's best candidates.
+
+        `query_tokens`: search only each caption's that many tokens of highest keep weight (None: all).
+
+        `search_params`: FAISS parameters, e.g. ``"nprobe=16"`` (IVF) or ``"efSearch=128"`` (HNSW).
+        """
+        if candidates < 1 or token_k < 1:
+            raise ValueError(f"candidates and token_k must be >= 1, got {candidates} and {token_k}")
+        if self._pending:
+            self._flush_pending()
+        faiss = _faiss()
+        if search_params:
+            faiss.ParameterSpace().set_index_parameters(self.faiss_index, search_params)
+        vectors, token_query, token_weight = first_stage_query_tokens(queries, config, query_tokens)
+        token_k = min(token_k, max(int(self.faiss_index.ntotal), 1))
+        similarities, images = self.faiss_index.search(vectors, token_k)
+        slope = getattr(config, "similarity_negative_slope", 0.1)
+        return aggregate_token_hits(
+            similarities, images, token_query, token_weight, queries.tokens.shape[0], candidates, slope
+        )
+
+    def search(
+        self,
+        model: Any,
+        queries: GranAlignTextOutput,
+        k: int = 10,
+        candidates: int = 20,
+        token_k: int = 256,
+        search_params: str = "",
+        query_tokens: int | None = None,
+        pair_chunk_size: int = 1024,
+        dtype: torch.dtype | None = None,
+        check_model: bool = False,
+    ) -> Any:
+        """Top-k images per caption: first stage (`first_stage`), then the exact GRM re-rank of the
+        candidates on the stored tokens. Returns a `search.SearchResult`."""
+        from granalign.retrieval.search import SearchResult, rerank_candidates
+
+        if not isinstance(queries, GranAlignTextOutput):
+            raise ValueError("a token index of images is searched with caption queries (GranAlignTextOutput)")
+        if check_model and hasattr(model, "state_dict"):
+            self.check_model(model)
+        config = getattr(model, "config", model)
+        _, rows = self.first_stage(queries, max(candidates, k), token_k, search_params, config, query_tokens)
+        found = rows >= 0
+        unique = torch.unique(rows[found])
+        local = torch.full_like(rows, -1)
+        local[found] = torch.searchsorted(unique, rows[found])
+        gallery = self.store.outputs(unique)
+        scores, positions = rerank_candidates(
+            model, gallery, queries, local, k, pair_chunk_size=pair_chunk_size, dtype=dtype
+        )
+        found = positions >= 0
+        result_rows = torch.full_like(positions, -1)
+        result_rows[found] = unique[positions[found]]
+        ids = [[self.ids[int(r)] for r in query_rows if r >= 0] for query_rows in result_rows]
+        return SearchResult(scores=scores, indices=result_rows, ids=ids)
+
+
+# ------------------------------------------------------------------ sharded builds
+
+
+def shard_range(count: int, rank: int, world: int) -> range:
+    """The contiguous rows `[start, stop)` of `count` that process `rank` of `world` encodes."""
+    per, extra = divmod(count, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
+
+
+def _concat_files(sources: Sequence[Path], target: Path) -> None:
+    with open(target, "ab") as out:
+        for source in sources:
+            if source.exists():
+                with open(source, "rb") as handle:
+                    shutil.copyfileobj(handle, out, 16 << 20)
+
+
+def merge_token_indices(shards: Sequence[str | os.PathLike], path: str | os.PathLike) -> TokenIndex:
+    """Merge saved shard indices (same settings and trained FAISS start) into a new index at `path`, in
+    shard order: files are concatenated in a stream, FAISS lists merged with shifted image rows."""
+    faiss = _faiss()
+    opened = [TokenIndex.open(shard) for shard in shards]
+    if not opened:
+        raise ValueError("nothing to merge")
+    settings = ("model_fingerprint", "dim", "num_regions", "codec", "first_stage_tokens", "rerank_tokens")
+    for shard in opened[1:]:
+        for name in settings:
+            if shard.meta[name] != opened[0].meta[name]:
+                raise ValueError(
+                    f"shards disagree on {name}: {opened[0].meta[name]!r} vs {shard.meta[name]!r}"
+                )
+    meta = dict(opened[0].meta)
+    path = Path(path)
+    if (path / "meta.json").exists():
+        raise FileExistsError(f"{str(path)!r} already holds a token index")
+    path.mkdir(parents=True, exist_ok=True)
+    merged = TokenIndex(path, meta, None)
+    for name in merged.store._spec():
+        _concat_files([shard.store._file(name) for shard in opened], merged.store._file(name))
+    _concat_files([shard.path / "ids.txt" for shard in opened], path / "ids.txt")
+    merged.ids = (path / "ids.txt").read_text().splitlines()
+    if len(set(merged.ids)) != len(merged.ids):
+        shutil.rmtree(path)
+        raise ValueError("the shards hold repeated image ids")
+    merged._id_set = set(merged.ids)
+    target = faiss.read_index(str(opened[0].path / _FAISS_FILE))
+    offset = len(opened[0])
+    for shard in opened[1:]:
+        other = faiss.read_index(str(shard.path / _FAISS_FILE))
+        if _ivf(target) is not None:  # IVF lists (inside any pre-transform): merged with shifted ids
+            _ivf(target).merge_from(_ivf(other), offset)
+            target.ntotal = _ivf(target).ntotal
+        else:  # an IDMap around a flat or graph index: re-add the shard's vectors with shifted rows
+            vectors = other.index.reconstruct_n(0, other.ntotal)
+            rows = faiss.vector_to_array(other.id_map).astype(np.int64) + offset
+            target.add_with_ids(vectors, rows)
+        offset += len(shard)
+    merged.faiss_index = target
+    return merged.save()
+
+
+def build_token_index_distributed(
+    accelerator: Any,
+    chunks: Callable[[int, int], Iterable[tuple[Sequence[str], GranAlignImageOutput]]],
+    path: str | os.PathLike,
+    **create_kwargs: Any,
+) -> TokenIndex | None:
+    """Build one index with every process of `accelerator` encoding its share.
+
+    `chunks(rank, world)` yields this process's `(ids, image outputs)` chunks (e.g. `encode_images` of
+    `shard_range(len(paths), rank, world)` in batches). The main process trains the first stage on its
+    first chunks (up to `train_size` vectors, added afterwards) and shares the trained start; each
+    process streams its chunks into `path/shard-<rank>`; the main process merges the shards into `path`
+    and removes them. Returns the merged index on the main process, `None` elsewhere.
+    """
+    path = Path(path)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    shard = path / f"shard-{rank:05d}"
+    trained = path / _TRAINED_FILE
+    stream = iter(chunks(rank, world))
+    held: list[tuple[Sequence[str], GranAlignImageOutput]] = []
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = TokenIndex.create(path / "training", **create_kwargs)
+        if not probe.faiss_index.is_trained:
+            collected = 0
+            for item in stream:
+                held.append(item)
+                images = item[1]
+                limit = probe.meta["first_stage_tokens"]
+                collected += len(select_tokens(images.token_mask, images.keep_weights, limit)[0])
+                if collected >= probe.meta["train_size"]:
+                    break
+            from granalign.outputs_granalign import concat_image_outputs
+
+            probe.train_first_stage(concat_image_outputs([images for _, images in held]))
+        probe.write_trained(trained)
+        shutil.rmtree(path / "training")
+    accelerator.wait_for_everyone()
+    index = TokenIndex.create(shard, trained=trained, **create_kwargs)
+    for ids, images in [*held, *stream]:
+        index.add(images, ids)
+    index.save()
+    accelerator.wait_for_everyone()
+    merged = None
+    if accelerator.is_main_process:
+        shards = [path / f"shard-{r:05d}" for r in range(world)]
+        merged = merge_token_indices(shards, path / "merged")
+        for item in shards:
+            shutil.rmtree(item)
+        trained.unlink()
+        for item in (path / "merged").iterdir():
+            os.replace(item, path / item.name)
+        (path / "merged").rmdir()
+        merged = TokenIndex.open(path)
+    accelerator.wait_for_everyone()
+    return merged
