@@ -279,10 +279,16 @@ def _chunks(rank, world, total=10, chunk=2):
 
 def _distributed_build(path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # debug_launcher forks: a state an earlier test initialised in this pytest process would make every
+    # child a single-process main process
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2, accelerator.state
     settings = dict(fingerprint="synthetic", dim=8, num_regions=2, codec="float16", first_stage_tokens=3,
                     faiss_factory="IVF2,Flat", train_size=6)  # fmt: skip
-    build_token_index_distributed(Accelerator(cpu=True), _chunks, path, **settings)
+    build_token_index_distributed(accelerator, _chunks, path, **settings)
 
 
 def test_two_process_build_equals_one_process(tmp_path):
