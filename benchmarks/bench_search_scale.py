@@ -488,16 +488,14 @@ def trained_model(args: argparse.Namespace) -> None:
 
     from granalign import GranAlignModel, GranAlignProcessor
     from granalign.evaluation.metrics import retrieval_metrics
+    from granalign.evaluation.runner import caption_index
     from granalign.retrieval import encode_captions, encode_dataset_images
 
     model_dir = Path(args.model)
     model = GranAlignModel.from_pretrained(model_dir).eval()
     processor = GranAlignProcessor.from_pretrained(model_dir)
     split, source = _load_split(model_dir, None, "test", {})
-    captions, text_to_image = [], []
-    for row, row_captions in enumerate(split["captions"]):
-        captions.extend(row_captions)
-        text_to_image.extend([row] * len(row_captions))
+    captions, text_to_image = caption_index(split)
     images, _ = encode_dataset_images(model, processor, split, batch_size=100, progress=False)
     texts = encode_captions(model, processor, captions, batch_size=100, progress=False)
     with torch.no_grad():

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _workload import Shape, machine, scoring_model, synthetic_images, synthetic_texts, timed
 
 from granalign.evaluation.metrics import retrieval_metrics
+from granalign.evaluation.runner import caption_index
 from granalign.retrieval import exhaustive_topk, two_stage_scores, two_stage_topk
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -134,10 +135,7 @@ def recall_on_model(args: argparse.Namespace) -> None:
     overrides = dict(item.split("=", 1) for item in args.dataset_arg or [])
     overrides = {key: json.loads(value) for key, value in overrides.items()}
     split, source = _load_split(model_dir, args.dataset, args.split, overrides)
-    captions, text_to_image = [], []
-    for row, row_captions in enumerate(split["captions"]):
-        captions.extend(row_captions)
-        text_to_image.extend([row] * len(row_captions))
+    captions, text_to_image = caption_index(split)
     images, _ = encode_dataset_images(model, processor, split, batch_size=100, progress=False)
     texts = encode_captions(model, processor, captions, batch_size=100, progress=False)
     print(

@@ -15,6 +15,7 @@ store reuses its states, and only new items are encoded (into a new shard).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -173,6 +174,21 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """`module` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False)
+
+
 def _store(cache_dir: str | os.PathLike[str] | None, kind: str, key: str) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{kind}-{key}"
 
@@ -231,25 +247,18 @@ def cache_text_states(
         width = int(processor(text=todo, padding="longest", return_tensors="pt")["input_ids"].shape[1])
 
         def batches() -> Iterator:
-            was_training = model.text_model.training
-            model.text_model.eval()
-            try:
-                with tqdm(
-                    total=len(todo), desc="cache caption states", disable=not progress, leave=False
-                ) as bar:
-                    for start in range(0, len(todo), batch_size):
-                        inputs = processor(
-                            text=todo[start : start + batch_size], padding="longest", return_tensors="pt"
-                        )
-                        mask = inputs["attention_mask"].to(device)
-                        states = model.text_tower_states(inputs["input_ids"].to(device), mask).float()
-                        # real tokens first (left-padding tokenizers too), padding zeroed: `lengths` says all
-                        order = torch.argsort(1 - mask, dim=1, stable=True)
-                        states = (states * mask[..., None]).gather(1, order[..., None].expand_as(states))
-                        yield start, states.cpu(), mask.sum(1).cpu()
-                        bar.update(len(states))
-            finally:
-                model.text_model.train(was_training)
+            with _eval_mode(model.text_model), _bar(len(todo), "cache caption states", progress) as bar:
+                for start in range(0, len(todo), batch_size):
+                    inputs = processor(
+                        text=todo[start : start + batch_size], padding="longest", return_tensors="pt"
+                    )
+                    mask = inputs["attention_mask"].to(device)
+                    states = model.text_tower_states(inputs["input_ids"].to(device), mask).float()
+                    # real tokens first (left-padding tokenizers too), padding zeroed: `lengths` says all
+                    order = torch.argsort(1 - mask, dim=1, stable=True)
+                    states = (states * mask[..., None]).gather(1, order[..., None].expand_as(states))
+                    yield start, states.cpu(), mask.sum(1).cpu()
+                    bar.update(len(states))
 
         return batches(), width, model.text_projection.in_features
 
@@ -281,27 +290,17 @@ def cache_image_states(
     def encode(missing: list[str]) -> tuple[Iterator, int, int]:
         rows = [first_row[key] for key in missing]
         probe = processor(images=[split[rows[0]]["image"]], return_tensors="pt")["pixel_values"]
-        was_training = model.vision_model.training
-        model.vision_model.eval()
-        try:
+        with _eval_mode(model.vision_model):
             length, hidden = model.vision_tower_states(probe.to(device)).shape[1:]
-        finally:
-            model.vision_model.train(was_training)
 
         def batches() -> Iterator:
-            model.vision_model.eval()
-            try:
-                with tqdm(
-                    total=len(rows), desc="cache image states", disable=not progress, leave=False
-                ) as bar:
-                    for start in range(0, len(rows), batch_size):
-                        images = split[rows[start : start + batch_size]]["image"]
-                        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-                        states = model.vision_tower_states(pixels).float().cpu()
-                        yield start, states, torch.full((len(states),), length)
-                        bar.update(len(states))
-            finally:
-                model.vision_model.train(was_training)
+            with _eval_mode(model.vision_model), _bar(len(rows), "cache image states", progress) as bar:
+                for start in range(0, len(rows), batch_size):
+                    images = split[rows[start : start + batch_size]]["image"]
+                    pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+                    states = model.vision_tower_states(pixels).float().cpu()
+                    yield start, states, torch.full((len(states),), length)
+                    bar.update(len(states))
 
         return batches(), int(length), int(hidden)
 
