@@ -244,6 +244,10 @@ def test_index_round_trips_exactly_and_searches_like_the_outputs(encoded, tmp_pa
     index = GalleryIndex.build(model, images, ids)
     loaded = GalleryIndex.load(index.save(tmp_path / "g.safetensors"), model=model)
     assert loaded.ids == ids and loaded.modality == "image" and loaded.dtype_name == "float32"
+    assert GalleryIndex.read_ids(tmp_path / "g.safetensors") == ids  # from the checked header alone
+    (tmp_path / "foreign.safetensors").write_bytes(b"not an index")
+    with pytest.raises(ValueError, match="is not a readable gallery index"):
+        GalleryIndex.read_ids(tmp_path / "foreign.safetensors")
     for name in ("tokens", "keep_weights", "region_tokens", "image_embeds"):
         assert torch.equal(getattr(loaded.outputs, name), getattr(images, name))
     exhaustive = search(model, loaded, texts, k=3, mode="exhaustive")

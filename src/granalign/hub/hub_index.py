@@ -17,7 +17,6 @@ stored them. Every image is checked before anything is downloaded. Downloads go 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,20 +83,6 @@ def _folder(image_root: str | None) -> str:
     return f"{folder}/"
 
 
-def _item_ids(index_file: Path) -> list[str]:
-    """The item ids stored in an index file's header (read without loading a tensor)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(index_file), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-        return [str(item) for item in json.loads(metadata["ids"])]
-    except (KeyError, ValueError, OSError) as error:
-        raise ValueError(
-            f"{str(index_file)!r} is not a gallery index from `granalign index` ({error})"
-        ) from None
-
-
 def _image_files(ids: Sequence[str], folder: str, files: set[str], source: HubFile) -> list[str]:
     """The repo file of each item id (as `index_search.resolve_image` finds it locally); names the first
     missing ones in a `FileNotFoundError`."""
@@ -126,6 +111,7 @@ def _download(source: HubFile, image_root: str | None) -> tuple[Path, Path]:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    from ..retrieval.index import GalleryIndex
     from .push import hub_connection
 
     folder = _folder(image_root)
@@ -155,7 +141,7 @@ def _download(source: HubFile, image_root: str | None) -> tuple[Path, Path]:
                                         revision=info.sha, local_dir=target))  # fmt: skip
 
         index_file = fetch(source.filename)
-        images = _image_files(_item_ids(index_file), folder, files, source)
+        images = _image_files(GalleryIndex.read_ids(index_file), folder, files, source)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(fetch, images))
     return index_file, target / folder

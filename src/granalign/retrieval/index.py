@@ -58,6 +58,44 @@ _OUTPUT_TYPES = {"image": GranAlignImageOutput, "text": GranAlignTextOutput}
 _CONCAT = {"image": concat_image_outputs, "text": concat_text_outputs}
 
 
+def _open_index(path: Path) -> Any:
+    """`safe_open` of an index file, with one-line errors for a missing or unreadable file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no gallery index at {str(path)!r}")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(
+            f"{str(path)!r} is not a readable gallery index (a safetensors file): {error}"
+        ) from None
+
+
+def _check_header(path: Path, meta: dict[str, str]) -> str:
+    """Refuse a header of another format, feature version or modality; return the modality."""
+    if meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a granalign gallery index (format {meta.get('format')!r})")
+    version = meta.get("feature_version")
+    if version != str(FEATURE_VERSION):
+        raise ValueError(
+            f"{str(path)!r} has feature version {version}, but this granalign reads version "
+            f"{FEATURE_VERSION}: rebuild the index with `granalign index`"
+        )
+    modality = meta.get("modality")
+    if modality not in _FIELDS:
+        raise ValueError(f"{str(path)!r}: unknown index modality {modality!r}; expected image or text")
+    return modality
+
+
+def _header_ids(path: Path, meta: dict[str, str]) -> tuple[list[Any], list[str] | None]:
+    """The ids and texts (or None) a header holds, as JSON."""
+    try:
+        ids = json.loads(meta["ids"])
+        texts = json.loads(meta["texts"]) if "texts" in meta else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r}: the header's ids/texts are not valid JSON ({error})") from None
+    return ids, texts
+
+
 def _dtype_name(dtype: torch.dtype | str) -> str:
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     if name not in STORAGE_DTYPES:
@@ -303,45 +341,30 @@ class GalleryIndex:
                 os.unlink(tmp)
         return path
 
+    @staticmethod
+    def read_ids(path: str | os.PathLike) -> list[str]:
+        """The item ids of the index at `path`, from its checked header (no tensor is read)."""
+        path = Path(path)
+        with _open_index(path) as handle:
+            meta = handle.metadata() or {}
+        _check_header(path, meta)
+        if "ids" not in meta:
+            raise ValueError(f"{str(path)!r} is a damaged gallery index: it lacks ['ids']")
+        return [str(item) for item in _header_ids(path, meta)[0]]
+
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> GalleryIndex:
         """Read an index; with `model`, refuse it unless that model built it (see `check_model`)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no gallery index at {str(path)!r}")
-        try:
-            handle = safe_open(str(path), framework="pt")
-        except Exception as error:  # safetensors raises its own error type for truncated or foreign files
-            raise ValueError(
-                f"{str(path)!r} is not a readable gallery index (a safetensors file): {error}"
-            ) from None
-        with handle:
+        with _open_index(path) as handle:
             meta = handle.metadata() or {}
-            if meta.get("format") != INDEX_FORMAT:
-                raise ValueError(
-                    f"{str(path)!r} is not a granalign gallery index (format {meta.get('format')!r})"
-                )
-            version = meta.get("feature_version")
-            if version != str(FEATURE_VERSION):
-                raise ValueError(
-                    f"{str(path)!r} has feature version {version}, but this granalign reads version "
-                    f"{FEATURE_VERSION}: rebuild the index with `granalign index`"
-                )
-            modality = meta.get("modality")
-            if modality not in _FIELDS:
-                raise ValueError(
-                    f"{str(path)!r}: unknown index modality {modality!r}; expected image or text"
-                )
+            modality = _check_header(path, meta)
             stored = [name for name in _FIELDS[modality] if meta.get(name) != _ABSENT]
             missing = [name for name in (*stored, *_REQUIRED_META) if name not in {*handle.keys(), *meta}]
             if missing:
                 raise ValueError(f"{str(path)!r} is a damaged gallery index: it lacks {missing}")
             fields = {name: handle.get_tensor(name) for name in stored}
-        try:
-            ids = json.loads(meta["ids"])
-            texts = json.loads(meta["texts"]) if "texts" in meta else None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{str(path)!r}: the header's ids/texts are not valid JSON ({error})") from None
+        ids, texts = _header_ids(path, meta)
         try:
             index = cls(
                 _OUTPUT_TYPES[modality](**fields),
