@@ -122,6 +122,14 @@ def _encode_batches(
     return concat(outputs)
 
 
+def _encode_pixels(
+    model: Any, processor: Any, images: list[Any], device: torch.device, dtype: torch.dtype
+) -> Any:
+    """One batch of loaded images through the processor and `encode_image`."""
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    return model.encode_image(pixel_values=pixels.to(device, dtype))
+
+
 def _open_image(item: Any) -> Any:
     if isinstance(item, (str, os.PathLike)):
         try:
@@ -142,9 +150,9 @@ def encode_images(
     """Encode images (PIL images, arrays, or file paths) → `GranAlignImageOutput` `[N, ...]`."""
 
     def encode_batch(start: int, stop: int, device: torch.device, dtype: torch.dtype) -> Any:
-        batch = [_open_image(item) for item in images[start:stop]]
-        pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
-        return model.encode_image(pixel_values=pixels.to(device, dtype))
+        return _encode_pixels(
+            model, processor, [_open_image(item) for item in images[start:stop]], device, dtype
+        )
 
     return _encode_batches(
         model, len(images), batch_size, "encode images", progress, encode_batch, output_device
@@ -180,10 +188,7 @@ def encode_image_files(
                 skipped.append((path, str(error)))
                 continue
             encoded.append(path)
-        if not batch:
-            return None
-        pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
-        return model.encode_image(pixel_values=pixels.to(device, dtype))
+        return _encode_pixels(model, processor, batch, device, dtype) if batch else None
 
     outputs = _encode_batches(
         model, len(paths), batch_size, "encode images", progress, encode_batch, output_device
