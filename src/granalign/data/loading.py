@@ -13,12 +13,15 @@ from .hub_schemas import convert_hub_dataset, detect_hub_schema, load_raw_datase
 from .imagefolder import METADATA_FILES, load_imagefolder
 from .karpathy import load_karpathy
 from .openclipart import DEFAULT_SVG_ROOT, OPENCLIPART, load_openclipart
+from .openmoji import DEFAULT_PACKAGE, OPENMOJI, load_openmoji
 from .precomputed import convert_region_dataset, load_precomp, load_region_dataset
 
-KINDS: tuple[str, ...] = ("karpathy", "hub", "imagefolder", "precomp", "regions", "openclipart")
+KINDS: tuple[str, ...] = ("karpathy", "hub", "imagefolder", "precomp", "regions", "openclipart", "openmoji")
 """Source kinds: Karpathy JSON + image root, Hub id / Hub-layout or saved dir, HF image folder,
 SCAN/VSE∞ precomp folder, dataset with a region-feature array column, folder of Open Clip Art SVGs
-(Debian's `openclipart-svg`; never detected, select it with `kind="openclipart"` or source `"openclipart"`)."""
+(Debian's `openclipart-svg`; never detected, select it with `kind="openclipart"` or source `"openclipart"`),
+the OpenMoji npm package folder (detected by its `data/openmoji.json`; source `"openmoji"` stands for
+`node_modules/openmoji`)."""
 
 _HUB_OPTIONS = frozenset(inspect.signature(convert_hub_dataset).parameters) - {"raw", "source"}
 _REGION_OPTIONS = frozenset(inspect.signature(convert_region_dataset).parameters) - {
@@ -31,9 +34,10 @@ _REGION_OPTIONS = frozenset(inspect.signature(convert_region_dataset).parameters
 def detect_kind(source: str | os.PathLike) -> str:
     """Guess the kind of `source` from what the path holds (`KINDS`).
 
-    A `.json` file is a Karpathy split file; a folder with `*_ims.npy` is precomp; a folder with a
-    metadata file (top level or one sub-folder down) and no saved dataset is an image folder; any other
-    folder or a non-local name is a Hub dataset.
+    A `.json` file is a Karpathy split file; a folder with `*_ims.npy` is precomp; a folder with
+    `data/openmoji.json` is the OpenMoji package; a folder with a metadata file (top level or one
+    sub-folder down) and no saved dataset is an image folder; any other folder or a non-local name is
+    a Hub dataset.
     """
     path = Path(source)
     if path.is_file():
@@ -47,6 +51,8 @@ def detect_kind(source: str | os.PathLike) -> str:
         return "hub"
     if next(path.glob("*_ims.npy"), None) is not None:
         return "precomp"
+    if (path / "data" / "openmoji.json").is_file():
+        return OPENMOJI
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return "hub"
     for name in METADATA_FILES:
@@ -81,6 +87,12 @@ def _load_openclipart(source: str | os.PathLike, kwargs: dict[str, Any]) -> Data
     return load_openclipart(root, **kwargs)
 
 
+def _load_openmoji(source: str | os.PathLike, kwargs: dict[str, Any]) -> DatasetDict:
+    """The source is the package folder; the name `"openmoji"` stands for `DEFAULT_PACKAGE`."""
+    package = DEFAULT_PACKAGE if os.fspath(source) == OPENMOJI else source
+    return load_openmoji(package, **kwargs)
+
+
 def load_alignment_dataset(source: str | os.PathLike, kind: str | None = None, **kwargs: Any) -> DatasetDict:
     """Load any supported source into the dataset schema (see docs/design.md).
 
@@ -88,22 +100,27 @@ def load_alignment_dataset(source: str | os.PathLike, kind: str | None = None, *
     kind: `load_karpathy` (`image_root`, `include_restval`, ...), `load_hub_dataset` (`image_root`, plus
     `datasets.load_dataset` arguments such as `revision`), `load_imagefolder` (`caption_column`,
     `single_split`, ...), `load_precomp` (`test_split`, ...), `load_region_dataset` (`features_column`,
-    `boxes_column`, ...), `load_openclipart` (`cache_dir`, `image_size`, `max_per_caption`, ...). All
-    accept `splits`. The source `"openclipart"` (with kind None or `"openclipart"`) is the Open Clip Art
-    SVGs of Debian's `openclipart-svg` at `/usr/share/openclipart/svg`; any other source with
-    `kind="openclipart"` is a folder of such SVGs.
+    `boxes_column`, ...), `load_openclipart` and `load_openmoji` (`cache_dir`, `image_size`,
+    `max_per_caption`, ...). All accept `splits`. The source `"openclipart"` (with kind None or
+    `"openclipart"`) is the Open Clip Art SVGs of Debian's `openclipart-svg` at
+    `/usr/share/openclipart/svg`; any other source with `kind="openclipart"` is a folder of such SVGs.
+    The source `"openmoji"` is the npm package at `node_modules/openmoji` (`npm install openmoji`); any
+    other source with `kind="openmoji"` is such a package folder (`package/` of `npm pack openmoji`).
 
     Examples:
         >>> load_alignment_dataset("dataset_coco.json", image_root="coco/")  # doctest: +SKIP
         >>> load_alignment_dataset("nlphuji/flickr30k", revision="refs/convert/parquet")  # doctest: +SKIP
         >>> load_alignment_dataset("coco_precomp", splits=["test"], test_split="testall")  # doctest: +SKIP
         >>> load_alignment_dataset("openclipart", image_size=224, max_per_caption=5)  # doctest: +SKIP
+        >>> load_alignment_dataset("node_modules/openmoji", kind="openmoji", fold=0)  # doctest: +SKIP
     """
-    if kind is None and os.fspath(source) == OPENCLIPART:
-        kind = OPENCLIPART
+    if kind is None and os.fspath(source) in (OPENCLIPART, OPENMOJI):
+        kind = os.fspath(source)
     kind = detect_kind(source) if kind is None else kind
     if kind == OPENCLIPART:
         return _load_openclipart(source, dict(kwargs))
+    if kind == OPENMOJI:
+        return _load_openmoji(source, dict(kwargs))
     if kind == "karpathy":
         return load_karpathy(source, **kwargs)
     if kind == "imagefolder":

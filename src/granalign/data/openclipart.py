@@ -24,37 +24,56 @@ Rendering the ~3,300 selected files takes 2-3 minutes on 2 cores, so PNGs are ca
 cached next to it. A second call renders nothing and takes about a second. Installed fonts are not part of
 the fingerprint: clear the cache after changing them. Every render equals a fresh-process render: cairo's
 static font caches are reset after each file.
+
+The rendering (`svg_render`), the worker processes (`render_pool`), the PNG cache (`render_cache`) and the
+cap / duplicate / split steps (`caption_splits`) are shared with the OpenMoji source (`openmoji`); this
+module holds what is particular to Open Clip Art: the folder scan, the RDF captions and the render scale.
 """
 
 from __future__ import annotations
 
-import functools
-import gc
-import gzip
 import hashlib
 import io
-import json
 import logging
-import math
-import multiprocessing
 import os
 import re
-import sys
-import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from datasets import DatasetDict
 from PIL import Image
 
+from . import render_cache, svg_render
+from .caption_splits import (
+    Candidate,
+    build_splits,
+    cap_per_caption,
+    check_selection_options,
+    fixed_order,
+    split_rendered,
+)
 from .captions import caption_key, normalize_caption
-from .checks import build_image_split, resolve_splits
+from .checks import resolve_splits
+from .render_cache import RenderCache, read_json, write_json
+from .render_pool import check_render_options, render_in_workers
+from .reporting import report
 from .schema import SPLITS, validate_dataset_dict
+from .svg_render import prepare_svg
+
+__all__ = [
+    "DEFAULT_SVG_ROOT",
+    "OPENCLIPART",
+    "caption_key",
+    "choose_caption",
+    "default_cache_dir",
+    "load_openclipart",
+    "read_caption",
+    "render_files",
+    "render_square",
+    "renderer_fingerprint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,53 +100,11 @@ _INSTALL_HINT = (
 )
 _PERL_ARTEFACT = re.compile(r"\b(?:HASH|ARRAY|SCALAR|CODE|GLOB|REF)\(0x[0-9a-fA-F]+\)")
 _DC = "{http://purl.org/dc/elements/1.1/}"
-_DOCTYPE = re.compile(rb"<!DOCTYPE\s[^\[>]*\[(?P<subset>.*?)\]\s*>", re.DOTALL)
-_ENTITY = re.compile(
-    rb"<!ENTITY\s+(?P<name>[A-Za-z_][\w.-]*)\s+(?:\"(?P<dq>[^\"]*)\"|'(?P<sq>[^']*)'|(?P<ext>SYSTEM|PUBLIC)\b[^>]*)\s*>"
-)
-_MAX_ENTITY_DEPTH = 8
-_PROGRESS_EVERY = 500
 
 
 def default_cache_dir() -> Path:
     """`$GRANALIGN_CACHE/openclipart`, or `~/.cache/granalign/openclipart` when the variable is unset."""
-    root = os.environ.get("GRANALIGN_CACHE")
-    return Path(root) / OPENCLIPART if root else Path.home() / ".cache" / "granalign" / OPENCLIPART
-
-
-def expand_internal_entities(data: bytes) -> bytes:
-    """`data` with the DOCTYPE's internal entities (`<!ENTITY ns_svg "...">`, as Adobe Illustrator writes)
-    substituted and the internal subset removed, so a parser that refuses entities can read it.
-
-    External entities (`SYSTEM`/`PUBLIC`) are never resolved: their references become empty. Parameter
-    entities are ignored. Raises `ValueError` when expansion nests too deep or grows the file tenfold.
-    """
-    doctype = _DOCTYPE.search(data)
-    if doctype is None:
-        return data
-    values: dict[bytes, bytes] = {}
-    for entity in _ENTITY.finditer(doctype.group("subset")):
-        value = b"" if entity.group("ext") else entity.group("dq") or entity.group("sq") or b""
-        values.setdefault(entity.group("name"), value)
-    body = data[: doctype.start()] + data[doctype.end() :]
-    if not values:
-        return body
-    pattern = re.compile(rb"&(" + b"|".join(re.escape(name) for name in values) + rb");")
-    limit = 10 * len(data) + 4096
-    for _ in range(_MAX_ENTITY_DEPTH):
-        body, count = pattern.subn(lambda match: values[match.group(1)], body)
-        if len(body) > limit:
-            raise ValueError(f"internal entities expand past {limit} bytes")
-        if not count:
-            return body
-    raise ValueError(f"internal entities nest deeper than {_MAX_ENTITY_DEPTH} levels")
-
-
-def prepare_svg(data: bytes) -> bytes:
-    """The bytes of an SVG (or gzipped SVGZ) document, unzipped, with internal entities expanded."""
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    return expand_internal_entities(data)
+    return render_cache.default_cache_dir(OPENCLIPART)
 
 
 def _text(element: Any) -> str:
@@ -160,212 +137,36 @@ def read_caption(data: bytes) -> str | None:
     return None
 
 
-def _report(message: str, *args: Any) -> None:
-    """Log at INFO; print to stderr when INFO is not enabled (progress of a minutes-long first call)."""
-    if logger.isEnabledFor(logging.INFO):
-        logger.info(message, *args)
-    else:
-        print(message % args, file=sys.stderr, flush=True)
-
-
-def _fixed_order(relpath: str) -> str:
-    return hashlib.sha256(relpath.encode("utf-8")).hexdigest()
-
-
-def assign_split(
-    caption: str,
-    split_seed: int,
-    split_fractions: Sequence[float],
-    fold: int | None = None,
-    num_folds: int = 10,
-) -> str:
-    """The split of every image with this caption, from a hash of `(split_seed, caption_key(caption))`.
-
-    With `fold`, the hash puts each caption in one of `num_folds` equal buckets instead of the fractions:
-    bucket `fold` is the test split, bucket `fold + 1` (mod `num_folds`) the validation split and the rest
-    train, so the test splits of folds `0 .. num_folds - 1` are disjoint and hold every caption once."""
-    digest = hashlib.sha256(f"{split_seed}\0{caption_key(caption)}".encode()).digest()
-    point = int.from_bytes(digest[:8], "big") / 2**64
-    if fold is not None:
-        bucket = int(point * num_folds)
-        return "test" if bucket == fold else "validation" if bucket == (fold + 1) % num_folds else "train"
-    total = 0.0
-    for split, fraction in zip(SPLITS, split_fractions, strict=True):
-        total += fraction
-        if point < total:
-            return split
-    return next(s for s, f in zip(reversed(SPLITS), reversed(split_fractions), strict=True) if f > 0)
-
-
 # --------------------------------------------------------------------------------------------- rendering
-
-
-def _require_cairosvg() -> Any:
-    """The `cairosvg` module, or an `ImportError` naming the extra that installs it."""
-    try:
-        import cairocffi
-        import cairosvg
-    except (ImportError, OSError) as error:  # OSError: cairocffi finds no libcairo2
-        raise ImportError(
-            f"the openclipart source renders SVGs with cairosvg + cairocffi ({error}); "
-            "install them with `pip install 'granalign[real]'` (and Debian's libcairo2)"
-        ) from None
-    return cairosvg, cairocffi
 
 
 def renderer_fingerprint(image_size: int) -> str:
     """A short hash of everything that decides the rendered pixels (settings, library versions, size)."""
-    cairosvg, cairocffi = _require_cairosvg()
-    import PIL
-
-    settings = {
-        "version": RENDER_VERSION,
-        "scale": RENDER_SCALE,
-        "max_pixels": MAX_RENDER_PIXELS,
-        "image_size": image_size,
-        "cairosvg": cairosvg.__version__,
-        "cairo": cairocffi.cairo_version_string(),
-        "pillow": PIL.__version__,
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-class _PageTooLarge(Exception):
-    def __init__(self, width: float, height: float) -> None:
-        super().__init__(f"page of {width:.0f}x{height:.0f} px")
-        self.pixels = width * height
-
-
-@functools.cache
-def _surface_class() -> type:
-    """cairosvg's PNG surface, refusing pages over `MAX_RENDER_PIXELS` before allocating them."""
-    from cairosvg.surface import PNGSurface
-
-    class BoundedSurface(PNGSurface):
-        def _create_surface(self, width: float, height: float) -> Any:
-            if width * height > MAX_RENDER_PIXELS:
-                raise _PageTooLarge(width, height)
-            return super()._create_surface(width, height)
-
-    return BoundedSurface
-
-
-def _rasterize(data: bytes) -> Any:
-    """`data` rendered at `RENDER_SCALE`, cropped to the bounding box of its non-transparent pixels and
-    composited on white: an `[H, W, 3]` `uint8` array, or None when nothing is drawn.
-
-    A page larger than `MAX_RENDER_PIXELS` at that scale (some declare 20,000+ px) is rendered at the
-    largest scale that fits instead.
-    """
-    from cairosvg.parser import Tree
-
-    tree = Tree(bytestring=data)
-    try:
-        surface = _surface_class()(tree, None, 96, scale=RENDER_SCALE)
-    except _PageTooLarge as page:  # raised before anything is drawn: the tree is untouched
-        scale = RENDER_SCALE * math.sqrt(MAX_RENDER_PIXELS / page.pixels) * 0.99
-        surface = _surface_class()(tree, None, 96, scale=scale)
-    image = surface.cairo
-    image.flush()
-    width, height, stride = image.get_width(), image.get_height(), image.get_stride()
-    pixels = np.frombuffer(image.get_data(), dtype=np.uint8).reshape(height, stride)[:, : 4 * width]
-    pixels = pixels.reshape(height, width, 4)
-    # cairo's ARGB32 pixels are native-endian 32-bit words: bytes B, G, R, A on little-endian machines
-    order = [2, 1, 0, 3] if sys.byteorder == "little" else [1, 2, 3, 0]
-    alpha = pixels[..., order[3]]
-    rows, cols = np.flatnonzero(alpha.max(axis=1)), np.flatnonzero(alpha.max(axis=0))
-    crop = None
-    if len(rows):
-        crop = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1][..., order]
-        alpha = crop[..., 3:]
-        # premultiplied colour over white: c * a + 255 * (1 - a) = c_premultiplied + 255 - a (<= 255)
-        crop = np.minimum(crop[..., :3], alpha) + (255 - alpha)
-    del pixels, alpha, surface
-    image.finish()
-    return crop
+    return svg_render.renderer_fingerprint(
+        image_size,
+        version=RENDER_VERSION,
+        scale=RENDER_SCALE,
+        max_pixels=MAX_RENDER_PIXELS,
+        source=OPENCLIPART,
+    )
 
 
 def render_square(data: bytes, image_size: int) -> Image.Image:
     """`data` (an SVG document) as a white-background RGB image of `image_size` x `image_size`:
-    rendered, cropped to what was drawn, long side resized to `image_size`, centred on white.
-
-    Raises `ValueError` when the document draws nothing, and cairosvg's errors when it cannot render.
-    """
-    rgb = _rasterize(data)
-    if rgb is None:
-        raise ValueError("the SVG draws nothing visible")
-    image = Image.fromarray(rgb, "RGB")
-    scale = image_size / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    square = Image.new("RGB", (image_size, image_size), (255, 255, 255))
-    square.paste(image, ((image_size - size[0]) // 2, (image_size - size[1]) // 2))
-    return square
-
-
-def _pixel_hash(image: Any) -> str:
-    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
-
-
-def _tmp_path(path: str, pid: int) -> str:
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{pid}.tmp")
+    rendered at `RENDER_SCALE`, cropped to what was drawn, long side resized to `image_size`, centred
+    on white (`svg_render.render_square`)."""
+    return svg_render.render_square(data, image_size, scale=RENDER_SCALE, max_pixels=MAX_RENDER_PIXELS)
 
 
 def _render_file(svg_path: str, png_path: str, image_size: int) -> tuple[str, str]:
     """Render one file to `png_path` (atomically); `("ok", pixel hash)` or `("error", message)`."""
-    tmp = _tmp_path(png_path, os.getpid())
-    try:
-        image = render_square(prepare_svg(Path(svg_path).read_bytes()), image_size)
-        os.makedirs(os.path.dirname(png_path), exist_ok=True)
-        image.save(tmp, format="PNG")
-        os.replace(tmp, png_path)
-        return "ok", _pixel_hash(image)
-    except Exception as error:  # cairosvg raises many types on malformed input
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        return "error", f"{type(error).__name__}: {error}"[:300]
+    return svg_render.render_file(
+        svg_path, png_path, image_size, scale=RENDER_SCALE, max_pixels=MAX_RENDER_PIXELS
+    )
 
 
-def _worker(conn: Connection, image_size: int) -> None:
-    """Worker loop: say "ready", then render `(svg_path, png_path)` jobs until `None`, resetting cairo's
-    static caches (fonts) after each file so every render equals a fresh-process render."""
-    _, cairocffi = _require_cairosvg()
-    gc.freeze()  # what the worker inherited (torch, datasets, ...) is not rescanned by each gc.collect()
-    conn.send(("ready", ""))
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        result = _render_file(*job, image_size)
-        gc.collect()  # every cairo object must be gone before the reset
-        cairocffi.cairo.cairo_debug_reset_static_data()
-        conn.send(result)
-
-
-def _context() -> Any:
-    """`fork` where available: workers start at once, without re-importing the (slow) package."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
-@dataclass
-class _Slot:
-    process: Any
-    conn: Connection
-    index: int | None = None  # the job being rendered
-    started: float = 0.0
-
-
-def _start_worker(context: Any, image_size: int) -> _Slot:
-    parent, child = context.Pipe()
-    process = context.Process(target=_worker, args=(child, image_size), daemon=True)
-    process.start()
-    child.close()
-    if not parent.poll(120) or parent.recv()[0] != "ready":
-        process.kill()
-        raise RuntimeError("an SVG render worker did not start within 120 s")
-    return _Slot(process, parent)
+def _progress(done: int, total: int) -> None:
+    report(logger, "openclipart: rendered %d of %d files", done, total)
 
 
 def render_files(
@@ -376,82 +177,10 @@ def render_files(
     Returns per job `{"pixels": hash}` or `{"error": message}` (plus `"timeout"` for a file stopped at
     the limit). A worker that times out or dies is killed and replaced.
     """
-    context = _context()
-    pending = deque(range(len(jobs)))
-    results: list[dict[str, Any]] = [{} for _ in jobs]
-    slots: list[_Slot] = []
-    done = 0
-
-    def discard(slot: _Slot) -> None:
-        slot.process.kill()
-        slot.process.join()
-        slot.conn.close()
-        if slot.index is not None:  # a half-written PNG of the killed worker
-            tmp = _tmp_path(jobs[slot.index][1], slot.process.pid)
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        slots.remove(slot)
-
-    try:
-        while pending or any(slot.index is not None for slot in slots):
-            while pending and len(slots) < num_proc and sum(s.index is None for s in slots) < len(pending):
-                slots.append(_start_worker(context, image_size))
-            for slot in slots:
-                if slot.index is None and pending:
-                    slot.index, slot.started = pending.popleft(), time.monotonic()
-                    slot.conn.send(jobs[slot.index])
-            busy = [slot for slot in slots if slot.index is not None]
-            deadline = min(slot.started for slot in busy) + timeout
-            ready = wait([slot.conn for slot in busy], timeout=max(0.0, deadline - time.monotonic()))
-            now = time.monotonic()
-            for slot in busy:
-                index = slot.index
-                if slot.conn in ready:
-                    try:
-                        status, value = slot.conn.recv()
-                    except (EOFError, OSError):
-                        slot.process.join(timeout=1)
-                        results[index] = {"error": f"render worker died (exit code {slot.process.exitcode})"}
-                        discard(slot)
-                    else:
-                        results[index] = {"pixels": value} if status == "ok" else {"error": value}
-                        slot.index = None
-                elif now - slot.started >= timeout:
-                    results[index] = {"error": f"timed out after {timeout:g} s", "timeout": timeout}
-                    discard(slot)
-                else:
-                    continue
-                done += 1
-                if done % _PROGRESS_EVERY == 0:
-                    _report("openclipart: rendered %d of %d files", done, len(jobs))
-    finally:
-        for slot in list(slots):
-            if slot.index is None:
-                try:
-                    slot.conn.send(None)
-                    slot.process.join(timeout=5)
-                except OSError:
-                    pass
-            discard(slot)
-    return results
+    return render_in_workers(jobs, _render_file, image_size, num_proc, timeout, _progress)
 
 
 # ------------------------------------------------------------------------------------------------ caching
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write `data` as JSON atomically (tmp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _list_svgs(root: Path) -> tuple[dict[str, os.stat_result], int]:
@@ -478,7 +207,7 @@ def _scan(root: Path, cache_dir: Path) -> tuple[dict[str, dict[str, Any]], int]:
         raise FileNotFoundError(f"{str(root)!r} holds no .svg files; {_INSTALL_HINT}")
     root_key = hashlib.sha256(os.fspath(root.resolve()).encode()).hexdigest()[:12]
     manifest_path = cache_dir / f"manifest-v{MANIFEST_VERSION}-{root_key}.json"
-    cached = _read_json(manifest_path)
+    cached = read_json(manifest_path)
     old = cached.get("files", {}) if isinstance(cached, dict) else {}
     entries: dict[str, dict[str, Any]] = {}
     changed = 0
@@ -500,7 +229,7 @@ def _scan(root: Path, cache_dir: Path) -> tuple[dict[str, dict[str, Any]], int]:
             entry["caption"], entry["error"] = None, f"{type(error).__name__}: {error}"[:300]
         entries[relpath] = entry
     if changed or len(old) != len(entries):
-        _write_json(manifest_path, {"svg_root": os.fspath(root.resolve()), "files": entries})
+        write_json(manifest_path, {"svg_root": os.fspath(root.resolve()), "files": entries})
     return entries, links
 
 
@@ -517,46 +246,6 @@ class _Counts:
     timeouts: int = 0
     duplicates: int = 0
     rows: dict[str, int] = field(default_factory=dict)
-
-
-def _check_args(
-    image_size: int,
-    max_per_caption: int | None,
-    split_fractions: Sequence[float],
-    render_timeout: float,
-    limit: int | None,
-    num_proc: int,
-    fold: int | None = None,
-    num_folds: int = 10,
-) -> tuple[float, ...]:
-    """Validate the options; return the split fractions as floats."""
-    if not isinstance(num_folds, int) or isinstance(num_folds, bool) or num_folds < 3:
-        raise ValueError(
-            f"num_folds must be an int >= 3 (test, validation and train folds), got {num_folds!r}"
-        )
-    if fold is not None and (
-        not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < num_folds
-    ):
-        raise ValueError(
-            f"fold must be None or an int in [0, {num_folds}) (num_folds={num_folds}), got {fold!r}"
-        )
-    if not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
-    if max_per_caption is not None and (not isinstance(max_per_caption, int) or max_per_caption < 1):
-        raise ValueError(f"max_per_caption must be an int >= 1 or None, got {max_per_caption!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be an int >= 1 or None, got {limit!r}")
-    if not isinstance(num_proc, int) or num_proc < 1:
-        raise ValueError(f"num_proc must be an int >= 1, got {num_proc!r}")
-    if not render_timeout > 0:
-        raise ValueError(f"render_timeout must be > 0 seconds, got {render_timeout!r}")
-    fractions = tuple(float(f) for f in split_fractions)
-    if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(
-            f"split_fractions must be {len(SPLITS)} non-negative numbers (train, validation, test) "
-            f"summing to 1, got {split_fractions!r}"
-        )
-    return fractions
 
 
 def load_openclipart(
@@ -593,98 +282,48 @@ def load_openclipart(
     Logs one summary line at INFO (files found, skipped and why, rows per split); printed to stderr when
     INFO logging is off. The image column holds paths of PNGs in the cache, decoded on access.
     """
-    fractions = _check_args(
-        image_size, max_per_caption, split_fractions, render_timeout, limit, num_proc, fold, num_folds
-    )
+    fractions = check_selection_options(max_per_caption, limit, split_fractions, fold, num_folds)
+    check_render_options(image_size, num_proc, render_timeout)
     root = Path(svg_root)
     if not root.is_dir():
         raise FileNotFoundError(f"openclipart SVG folder {str(root)!r} does not exist; {_INSTALL_HINT}")
     wanted = resolve_splits(SPLITS, splits, f"openclipart {root}")
     fingerprint = renderer_fingerprint(image_size)  # needs cairosvg: checked before anything is cached
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     counts = _Counts()
-    entries, counts.symlinks = _scan(root, cache)
+    entries, counts.symlinks = _scan(root, cache_root)
     counts.found = len(entries)
 
     # caption per file, then the per-caption cap in the fixed order
-    per_caption: dict[str, int] = {}
-    selected: list[tuple[str, str, str]] = []  # (relpath, caption, content hash)
-    for relpath in sorted(entries, key=_fixed_order):
+    candidates: list[Candidate] = []
+    for relpath in sorted(entries, key=fixed_order):
         entry = entries[relpath]
         if entry.get("error"):
             counts.unreadable += 1
-            continue
-        if not entry.get("caption"):
+        elif not entry.get("caption"):
             counts.without_title += 1
-            continue
-        key = caption_key(entry["caption"])
-        if max_per_caption is not None and per_caption.get(key, 0) >= max_per_caption:
-            counts.capped += 1
-            continue
-        per_caption[key] = per_caption.get(key, 0) + 1
-        selected.append((relpath, entry["caption"], entry["sha256"]))
+        else:
+            candidates.append(Candidate(relpath, entry["caption"], entry["sha256"]))
+    selected, counts.capped = cap_per_caption(candidates, max_per_caption)
     if limit is not None:
         selected = selected[:limit]
     counts.selected = len(selected)
 
     # render what the cache lacks
-    render_dir = cache / f"render-{image_size}px-{fingerprint}"
-    index_path = render_dir / "index.json"
-    index: dict[str, dict[str, Any]] = _read_json(index_path) or {}
-
-    def png_path(digest: str) -> Path:
-        return render_dir / "png" / digest[:2] / f"{digest}.png"
-
-    todo: dict[str, str] = {}  # content hash -> relpath
-    for relpath, _, digest in selected:
-        known = index.get(digest)
-        if known and "pixels" in known and png_path(digest).is_file():
-            continue
-        if known and "error" in known and known.get("timeout", render_timeout) >= render_timeout:
-            continue  # a failure (or a timeout at this limit or a longer one) is not retried
-        if not known and png_path(digest).is_file():  # rendered by an interrupted call
-            with Image.open(png_path(digest)) as image:
-                index[digest] = {"pixels": _pixel_hash(image.convert("RGB"))}
-            continue
-        todo.setdefault(digest, relpath)
+    cache = RenderCache(cache_root, image_size, fingerprint)
+    todo = cache.missing(((c.digest, os.fspath(root / c.image_id)) for c in selected), render_timeout)
     if todo:
-        _report("openclipart: rendering %d files into %s", len(todo), render_dir)
-        digests = list(todo)
-        jobs = [(os.fspath(root / todo[d]), os.fspath(png_path(d))) for d in digests]
-        for digest, result in zip(
-            digests, render_files(jobs, image_size, num_proc, render_timeout), strict=True
-        ):
-            index[digest] = result
-        merged = _read_json(index_path) or {}  # keep what a concurrent call added meanwhile
-        merged.update(index)
-        _write_json(index_path, merged)
+        report(logger, "openclipart: rendering %d files into %s", len(todo), cache.folder)
+        cache.render(todo, lambda jobs: render_files(jobs, image_size, num_proc, render_timeout))
     counts.rendered_now = len(todo)
 
     # drop failures and exact duplicates, then split by caption
-    seen: set[str] = set()
-    columns: dict[str, tuple[list[str], list[str], list[list[str]]]] = {s: ([], [], []) for s in SPLITS}
-    for relpath, caption, digest in selected:
-        result = index[digest]
-        if "pixels" not in result:
-            counts.failed += 1
-            counts.timeouts += "timeout" in result
-            continue
-        key = hashlib.sha256(f"{caption_key(caption)}\0{result['pixels']}".encode()).hexdigest()
-        if key in seen:
-            counts.duplicates += 1
-            continue
-        seen.add(key)
-        ids, paths, captions = columns[assign_split(caption, split_seed, fractions, fold, num_folds)]
-        ids.append(relpath)
-        paths.append(os.fspath(png_path(digest)))
-        captions.append([caption])
-
-    result = DatasetDict()
-    for split in wanted:
-        ids, paths, captions = columns[split]
-        counts.rows[split] = len(ids)
-        result[split] = build_image_split(ids, paths, captions, f"openclipart {root} [{split}]")
-    _report(
+    columns, dropped = split_rendered(selected, cache, split_seed, fractions, fold, num_folds)
+    counts.failed, counts.timeouts, counts.duplicates = dropped.failed, dropped.timeouts, dropped.duplicates
+    result = build_splits(columns, wanted, f"openclipart {root}")
+    counts.rows = {split: len(result[split]) for split in wanted}
+    report(
+        logger,
         "openclipart %s: %d SVG files (%d symlinks skipped), %d unreadable, %d without title, "
         "%d capped away (max %s per caption), %d selected, %d rendered now, %d render failures "
         "(%d timeouts), %d duplicates dropped; rows: %s",

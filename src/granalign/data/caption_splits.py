@@ -1,0 +1,167 @@
+"""From captioned, rendered images to train/validation/test rows, split by caption string.
+
+Shared by the rendered-SVG sources (`openclipart`, `openmoji`):
+- `cap_per_caption`: at most `max_per_caption` images per caption (`caption_key`: case- and
+  whitespace-insensitive), the first ones in a fixed order (`fixed_order`: the SHA-256 of the image id);
+- `split_rendered`: drops images whose render failed and exact duplicates (same caption, same pixels),
+  then puts each row in the split of its caption (`assign_split`), so all images of a caption share a
+  split and no test caption is seen in training;
+- `assign_split`: the split from a hash of `(split_seed, caption)`, by `split_fractions` or, with
+  `fold`, by `num_folds` equal buckets (k-fold cross-validation: every caption is tested once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from datasets import DatasetDict
+
+from .captions import caption_key
+from .checks import build_image_split
+from .render_cache import RenderCache
+from .schema import SPLITS
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An image that may become a row: its id, its caption and the content hash of its SVG."""
+
+    image_id: str
+    caption: str
+    digest: str
+
+
+@dataclass
+class Dropped:
+    """Rows `split_rendered` left out, and why."""
+
+    failed: int = 0
+    timeouts: int = 0
+    duplicates: int = 0
+
+
+Columns = dict[str, tuple[list[str], list[str], list[list[str]]]]
+"""Split -> `(image ids, PNG paths, caption lists)`."""
+
+
+def check_selection_options(
+    max_per_caption: int | None,
+    limit: int | None,
+    split_fractions: Sequence[float],
+    fold: int | None,
+    num_folds: int,
+) -> tuple[float, ...]:
+    """Validate the cap, limit and split options; return the split fractions as floats."""
+    if not isinstance(num_folds, int) or isinstance(num_folds, bool) or num_folds < 3:
+        raise ValueError(
+            f"num_folds must be an int >= 3 (test, validation and train folds), got {num_folds!r}"
+        )
+    if fold is not None and (
+        not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < num_folds
+    ):
+        raise ValueError(
+            f"fold must be None or an int in [0, {num_folds}) (num_folds={num_folds}), got {fold!r}"
+        )
+    if max_per_caption is not None and (not isinstance(max_per_caption, int) or max_per_caption < 1):
+        raise ValueError(f"max_per_caption must be an int >= 1 or None, got {max_per_caption!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an int >= 1 or None, got {limit!r}")
+    fractions = tuple(float(f) for f in split_fractions)
+    if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(
+            f"split_fractions must be {len(SPLITS)} non-negative numbers (train, validation, test) "
+            f"summing to 1, got {split_fractions!r}"
+        )
+    return fractions
+
+
+def fixed_order(image_id: str) -> str:
+    """The sort key that decides which images of a caption are kept: the SHA-256 of the image id."""
+    return hashlib.sha256(image_id.encode("utf-8")).hexdigest()
+
+
+def cap_per_caption(
+    candidates: Iterable[Candidate], max_per_caption: int | None
+) -> tuple[list[Candidate], int]:
+    """`(kept, number capped away)`: the first `max_per_caption` candidates of each caption, in the
+    order given (sort by `fixed_order` first); None keeps all."""
+    per_caption: dict[str, int] = {}
+    kept: list[Candidate] = []
+    capped = 0
+    for candidate in candidates:
+        key = caption_key(candidate.caption)
+        if max_per_caption is not None and per_caption.get(key, 0) >= max_per_caption:
+            capped += 1
+            continue
+        per_caption[key] = per_caption.get(key, 0) + 1
+        kept.append(candidate)
+    return kept, capped
+
+
+def assign_split(
+    caption: str,
+    split_seed: int,
+    split_fractions: Sequence[float],
+    fold: int | None = None,
+    num_folds: int = 10,
+) -> str:
+    """The split of every image with this caption, from a hash of `(split_seed, caption_key(caption))`.
+
+    With `fold`, the hash puts each caption in one of `num_folds` equal buckets instead of the fractions:
+    bucket `fold` is the test split, bucket `fold + 1` (mod `num_folds`) the validation split and the rest
+    train, so the test splits of folds `0 .. num_folds - 1` are disjoint and hold every caption once."""
+    digest = hashlib.sha256(f"{split_seed}\0{caption_key(caption)}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64
+    if fold is not None:
+        bucket = int(point * num_folds)
+        return "test" if bucket == fold else "validation" if bucket == (fold + 1) % num_folds else "train"
+    total = 0.0
+    for split, fraction in zip(SPLITS, split_fractions, strict=True):
+        total += fraction
+        if point < total:
+            return split
+    return next(s for s, f in zip(reversed(SPLITS), reversed(split_fractions), strict=True) if f > 0)
+
+
+def split_rendered(
+    selected: Iterable[Candidate],
+    cache: RenderCache,
+    split_seed: int,
+    split_fractions: Sequence[float],
+    fold: int | None,
+    num_folds: int,
+) -> tuple[Columns, Dropped]:
+    """The rows of the `selected` candidates (in their order) by split, and what was dropped: failed
+    renders, then exact duplicates (same `caption_key`, same pixels; the first one is kept)."""
+    dropped = Dropped()
+    seen: set[str] = set()
+    columns: Columns = {split: ([], [], []) for split in SPLITS}
+    for candidate in selected:
+        result = cache.result(candidate.digest)
+        if "pixels" not in result:
+            dropped.failed += 1
+            dropped.timeouts += "timeout" in result
+            continue
+        key = hashlib.sha256(f"{caption_key(candidate.caption)}\0{result['pixels']}".encode()).hexdigest()
+        if key in seen:
+            dropped.duplicates += 1
+            continue
+        seen.add(key)
+        split = assign_split(candidate.caption, split_seed, split_fractions, fold, num_folds)
+        ids, paths, captions = columns[split]
+        ids.append(candidate.image_id)
+        paths.append(os.fspath(cache.png_path(candidate.digest)))
+        captions.append([candidate.caption])
+    return columns, dropped
+
+
+def build_splits(columns: Columns, wanted: Sequence[str], where: str) -> DatasetDict:
+    """The `wanted` splits of `columns` as image splits (the image column holds the PNG paths)."""
+    result = DatasetDict()
+    for split in wanted:
+        ids, paths, captions = columns[split]
+        result[split] = build_image_split(ids, paths, captions, f"{where} [{split}]")
+    return result
