@@ -3,8 +3,10 @@ GRM scoring and today's two-stage search (region-level shortlist of 20 + exact r
 
     python benchmarks/bench_search_scale.py --gallery 10000
     python benchmarks/bench_search_scale.py --gallery 100000
+    python benchmarks/bench_search_scale.py --gallery 100000 --mode tokens   # the token-hit first stage
     python benchmarks/bench_search_scale.py --gallery 1000000 --first-stage-only
-    python benchmarks/bench_search_scale.py --gallery 10000 --sweep          # first-stage settings
+    python benchmarks/bench_search_scale.py --gallery 1000000 --replicate-from 100000   # 1M-row latency proxy
+    python benchmarks/bench_search_scale.py --gallery 10000 --sweep          # first-stage settings of --mode
     python benchmarks/bench_search_scale.py --model runs/tiny-seed0/final --gallery 0   # trained model
 
 The gallery is synthetic, ViT-B/16-shaped (197 tokens, K = 5 regions, d = 512), generated in shards
@@ -18,7 +20,10 @@ target image (60 % of its tokens; the rest are noisy stop words with low keep we
 Reported per gallery size, 2 threads (`--threads`), one query at a time:
 
 * build: seconds spent in `TokenIndex.add` + `save` (synthesis excluded), bytes per image on disk;
-* query latency p50 / p95 of the token index (first stage alone and with the exact re-rank), of
+* query latency p50 / p95 of the token index (first stage alone and with the exact re-rank; `--mode
+  centroids`, the default: PLAID candidate generation + centroid interaction + refinement on int8
+  first-stage codes, `--centroid-nprobe`, `--ndocs`, `--refine`; or `--mode tokens`: FAISS token hits,
+  `--token-k`, `--nprobe`), of
   today's two-stage search (region level over the in-memory region tokens, re-rank through the same
   store) and of exhaustive scoring (fp32 features, batched: total time / queries, a lower bound);
 * quality against exhaustive scoring on the first `--exhaustive-queries` queries: recall of the
@@ -281,7 +286,17 @@ def _cpu_p50() -> float:
 
 
 def search_settings(args: argparse.Namespace) -> dict:
+    if args.mode == "centroids":
+        return dict(
+            mode="centroids",
+            candidates=args.candidates,
+            nprobe=args.centroid_nprobe,
+            ndocs=args.ndocs,
+            refine=args.refine,
+            query_tokens=args.query_tokens or None,
+        )
     return dict(
+        mode="tokens",
         candidates=args.candidates,
         token_k=args.token_k,
         search_params=f"nprobe={args.nprobe}",
@@ -289,19 +304,35 @@ def search_settings(args: argparse.Namespace) -> dict:
     )
 
 
+def _with_centroids(index: TokenIndex, args: argparse.Namespace) -> TokenIndex:
+    """An index cached before centroid ids existed: read them from its FAISS lists (seconds)."""
+    if args.mode == "centroids" and not index.has_centroids:
+        tic = time.perf_counter()
+        index.build_centroid_ids()
+        print(f"centroid ids read from the FAISS lists in {time.perf_counter() - tic:.1f} s", flush=True)
+    if args.mode == "centroids" and args.refine and not index.meta.get("first_stage_codes"):
+        tic = time.perf_counter()
+        index.build_first_stage_codes()
+        print(f"first-stage codes read from the store in {time.perf_counter() - tic:.1f} s", flush=True)
+    return index
+
+
 def measure(args: argparse.Namespace, gallery: int) -> dict:
     model = scoring_model(DIM)
     tables = _tables(args.seed)
     queries, targets = caption_queries(args.queries, gallery, args.seed, tables)
     built = build(args, gallery, model, queries, tables)
-    index = TokenIndex.open(built["directory"])
+    index = _with_centroids(TokenIndex.open(built["directory"]), args)
+    centroid_bytes = index.nbytes()["centroids"]
     truth, nq = built["truth"], args.exhaustive_queries
     config = model.config
     settings = search_settings(args)
     print(
         f"\n== gallery {gallery:,} images: index {built['directory'].name}, built in {built['build_seconds']:.0f} s "
         f"(add + save, synthesis excluded); store {built['store'] / gallery / 1024:.1f} KiB/image, first stage "
-        f"{built['first_stage'] / gallery:.0f} B/image; search {settings}",
+        f"{built['first_stage'] / gallery:.0f} B/image, centroid ids + lists {centroid_bytes / gallery:.0f} B/image, "
+        f"first-stage codes {index.nbytes()['first_stage_codes'] / gallery:.0f} B/image; "
+        f"search {settings}",
         flush=True,
     )
 
@@ -363,8 +394,8 @@ def measure(args: argparse.Namespace, gallery: int) -> dict:
     rows_out = (
         ("exhaustive (batched, per query)", exhaustive_ms, exhaustive_ms, float("nan"), r["exhaustive"], ""),
         ("two-stage regions s=20 (today)", tp50, tp95, two_cpu, r["two-stage"], f"  (first {two_count} queries)"),
-        ("token index: first stage only", fp50, fp95, first_cpu, None, ""),
-        ("token index: first stage + re-rank", np50, np95, full_cpu, r["token index"],
+        (f"token index ({args.mode}): first stage", fp50, fp95, first_cpu, None, ""),
+        (f"token index ({args.mode}) + re-rank", np50, np95, full_cpu, r["token index"],
          f"; all {args.queries} queries " + "/".join(f"{x:.0f}" for x in r_all)),
     )  # fmt: skip
     for name, p50, p95, cpu, recalls, note in rows_out:
@@ -376,6 +407,7 @@ def measure(args: argparse.Namespace, gallery: int) -> dict:
         f"same top-1 after re-rank {100 * agree:.0f} %; target among candidates (all queries) {target_in:.0f} %"
     )
     r1_lost = r["exhaustive"][0] - r["token index"][0]
+    print(f"first stage shortlist recall {100 * shortlist_recall:.1f} %  (mode {args.mode})")
     return dict(gallery=gallery, p50=np50, p95=np95, speedup=tp50 / np50, r1_lost=r1_lost, first_p50=fp50,
                 cpu_p50=full_cpu, two_cpu_p50=two_cpu,
                 first_p95=fp95, two_p50=tp50, exhaustive_ms=exhaustive_ms, shortlist_recall=shortlist_recall,
@@ -383,27 +415,34 @@ def measure(args: argparse.Namespace, gallery: int) -> dict:
 
 
 def sweep(args: argparse.Namespace, index: TokenIndex, queries, targets, truth, config) -> None:
-    """First-stage latency and recall of the exhaustive top-10 / top-1 over a grid of search settings."""
+    """First-stage latency and recall of the exhaustive top-10 / top-1 (and the target) over a grid of
+    search settings of `--mode`."""
     nq = args.exhaustive_queries
+    if args.mode == "centroids":
+        grid = [dict(mode="centroids", nprobe=nprobe, ndocs=ndocs, refine=refine, candidates=candidates)
+                for nprobe in (1, 2, 4, 8) for ndocs in (64, 256, 1024) for refine in (0, 64)
+                for candidates in (10, 20) if ndocs >= refine]  # fmt: skip
+    else:
+        grid = [dict(mode="tokens", candidates=candidates, token_k=token_k, search_params=f"nprobe={nprobe}")
+                for nprobe in (4, 8, 16, 32) for token_k in (32, 64, 128) for candidates in (20, 32, 64)]  # fmt: skip
     print(
-        f"{'nprobe':>6s} {'token_k':>7s} {'cand':>5s} {'p50 ms':>7s} {'p95 ms':>7s} {'top-10 in':>9s} {'top-1 in':>8s}"
+        f"{'settings':58s} {'p50 ms':>7s} {'p95 ms':>7s} {'top-10 in':>9s} {'top-1 in':>8s} {'target in':>9s}"
     )
-    for nprobe in (4, 8, 16, 32):
-        for token_k in (32, 64, 128):
-            for candidates in (20, 32, 64):
-                settings = dict(candidates=candidates, token_k=token_k, search_params=f"nprobe={nprobe}")
-                times, results = _timed_queries(
-                    lambda q, settings=settings: index.first_stage(_query(queries, q), config=config, **settings),
-                    nq, warmup=1,
-                )  # fmt: skip
-                rows = torch.cat([r for _, r in results])
-                top10 = np.mean(
-                    [len(set(truth["rows"][q].tolist()) & set(rows[q].tolist())) / 10 for q in range(nq)]
-                )
-                top1 = np.mean([int(truth["rows"][q, 0]) in set(rows[q].tolist()) for q in range(nq)])
-                p50, p95 = _percentiles(times)
-                print(f"{nprobe:6d} {token_k:7d} {candidates:5d} {p50:7.1f} {p95:7.1f} {100 * top10:8.1f}% "
-                      f"{100 * top1:7.0f}%", flush=True)  # fmt: skip
+    for settings in grid:
+        settings = dict(settings, query_tokens=args.query_tokens or None)
+        times, results = _timed_queries(
+            lambda q, settings=settings: index.first_stage(_query(queries, q), config=config, **settings),
+            nq, warmup=1,
+        )  # fmt: skip
+        CPU_TIMES.clear()
+        rows = torch.cat([r for _, r in results])
+        top10 = np.mean([len(set(truth["rows"][q].tolist()) & set(rows[q].tolist())) / 10 for q in range(nq)])
+        top1 = np.mean([int(truth["rows"][q, 0]) in set(rows[q].tolist()) for q in range(nq)])
+        target = np.mean([int(targets[q]) in set(rows[q].tolist()) for q in range(nq)])
+        p50, p95 = _percentiles(times)
+        name = " ".join(f"{k}={v}" for k, v in settings.items() if k not in ("mode", "query_tokens"))
+        print(f"{name:58s} {p50:7.1f} {p95:7.1f} {100 * top10:8.1f}% {100 * top1:7.0f}% {100 * target:8.0f}%",
+              flush=True)  # fmt: skip
 
 
 def _tune_malloc() -> None:
@@ -425,13 +464,19 @@ def first_stage_only(args: argparse.Namespace, gallery: int) -> dict:
     model = scoring_model(DIM)
     tables = _tables(args.seed)
     queries, targets = caption_queries(args.queries, gallery, args.seed, tables)
-    directory = Path(args.cache).expanduser() / ("firststage-" + _settings_name(args, gallery))
+    centroids_only = args.mode == "centroids"  # the centroid first stage needs no token codes in FAISS
+    prefix = "firststage-centroids-" if centroids_only else "firststage-"
+    directory = Path(args.cache).expanduser() / (prefix + _settings_name(args, gallery))
+    if centroids_only and args.refine:
+        print("--first-stage-only stores no first-stage codes (16 GB at 1M): timing without --refine")
+        args.refine = 0
     if args.rebuild or not (directory / "bench.json").exists():
         if directory.exists():
             shutil.rmtree(directory)
         index = TokenIndex.create(
             directory, model, dim=DIM, num_regions=0, codec="int8", first_stage_tokens=args.first_stage_tokens,
             rerank_tokens=1, faiss_factory=args.factory, train_size=args.train_size,
+            token_codes=not centroids_only, first_stage_codes=False,
         )  # fmt: skip
         seconds = 0.0
         shards = (gallery + SHARD - 1) // SHARD
@@ -441,6 +486,8 @@ def first_stage_only(args: argparse.Namespace, gallery: int) -> dict:
             vectors = images.tokens.reshape(-1, DIM).numpy()
             rows = np.repeat(np.arange(shard * SHARD, shard * SHARD + count), images.tokens.shape[1])
             tic = time.perf_counter()
+            if index.has_centroids:
+                index._append_centroid_counts(np.full(count, images.tokens.shape[1]))
             index._add_first_stage(np.ascontiguousarray(vectors), rows)  # the FAISS half of `add`
             seconds += time.perf_counter() - tic
             if shard % 50 == 49:
@@ -451,6 +498,7 @@ def first_stage_only(args: argparse.Namespace, gallery: int) -> dict:
         index.save()
         seconds += time.perf_counter() - tic
         (directory / "bench.json").write_text(json.dumps({"build_seconds": seconds, **index.nbytes()}))
+        del index
     report = json.loads((directory / "bench.json").read_text())
     index = _open_first_stage(directory)
     settings = search_settings(args)
@@ -462,13 +510,69 @@ def first_stage_only(args: argparse.Namespace, gallery: int) -> dict:
         np.mean([int(targets[q]) in set(candidates[q].tolist()) for q in range(args.queries)])
     )
     p50, p95 = _percentiles(times)
+    cpu = _cpu_p50()
+    stored = report["first_stage"] + report.get("centroids", 0)
     print(
         f"\n== first stage only, gallery {gallery:,}: {args.factory} over {args.first_stage_tokens} tokens/image, "
-        f"built in {report['build_seconds']:.0f} s (FAISS train + add + save), {report['first_stage'] / gallery:.0f} "
-        f"B/image; {settings}: p50 {p50:.1f} ms, p95 {p95:.1f} ms; target among the {args.candidates} "
-        f"candidates {target_in:.0f} %"
+        f"built in {report['build_seconds']:.0f} s (FAISS train + add + save), {stored / gallery:.0f} "
+        f"B/image ({'centroid ids + lists + quantizer' if centroids_only else 'FAISS'}); {settings}: p50 "
+        f"{p50:.1f} ms, p95 {p95:.1f} ms, cpu p50 {cpu:.1f} ms; target among the {args.candidates} candidates "
+        f"{target_in:.0f} %"
     )
     return dict(gallery=gallery, first_p50=p50, first_p95=p95, target_in=target_in, **report)
+
+
+def replicated_first_stage(args: argparse.Namespace, gallery: int) -> dict:
+    """Time the centroid first stage on `gallery` rows made of `gallery / base` copies of the cached
+    `--replicate-from` gallery's centroid ids (lists `gallery / base` times as long as the base's): a
+    latency proxy for a gallery too slow to synthesise here. Copies tie, so recall is of any copy."""
+    import faiss
+
+    base = args.replicate_from
+    if gallery % base:
+        raise SystemExit(f"--gallery {gallery} must be a multiple of --replicate-from {base}")
+    source = TokenIndex.open(Path(args.cache).expanduser() / _settings_name(args, base))
+    source.build_centroid_ids()
+    directory = Path(args.cache).expanduser() / f"replica-{gallery // base}x-{_settings_name(args, base)}"
+    copies = gallery // base
+    if args.rebuild or not (directory / "meta.json").exists():
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        for name in ("centroids.bin", "centroid_counts.bin"):
+            data = (source.path / name).read_bytes()
+            with open(directory / name, "wb") as handle:
+                for _ in range(copies):
+                    handle.write(data)
+        shutil.copy(source.path / "first_stage.faiss", directory / "first_stage.faiss")
+        meta = dict(source.meta, num_items=gallery, centroid_lists_items=-1, first_stage_codes=False)
+        (directory / "meta.json").write_text(json.dumps(meta))
+        index = TokenIndex(directory, meta, faiss.read_index(str(directory / "first_stage.faiss")))
+        index.ids = [f"img{i}" for i in range(gallery)]
+        tic = time.perf_counter()
+        index._write_centroid_lists()
+        index._write_meta()
+        print(f"replicated {copies} x {base:,}: centroid lists built in {time.perf_counter() - tic:.1f} s")
+    index = _open_first_stage(directory)
+    model = scoring_model(DIM)
+    queries, targets = caption_queries(args.queries, base, args.seed, _tables(args.seed))
+    settings = dict(search_settings(args), refine=0)
+    times, results = _timed_queries(
+        lambda q: index.first_stage(_query(queries, q), config=model.config, **settings), args.queries
+    )
+    cpu = _cpu_p50()
+    candidates = torch.cat([rows for _, rows in results]) % base
+    target_in = 100.0 * float(
+        np.mean([int(targets[q]) in set(candidates[q].tolist()) for q in range(args.queries)])
+    )
+    p50, p95 = _percentiles(times)
+    size = sum(index.nbytes()[name] for name in ("centroids",))
+    print(
+        f"\n== centroid first stage on {gallery:,} rows ({copies} copies of the {base:,} gallery's centroid ids; "
+        f"centroid ids + lists {size / gallery:.0f} B/image); {settings}: p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
+        f"cpu p50 {cpu:.1f} ms; a copy of the target among the {args.candidates} candidates {target_in:.0f} %"
+    )
+    return dict(gallery=gallery, first_p50=p50, first_p95=p95, target_in=target_in)
 
 
 def _open_first_stage(directory: Path) -> TokenIndex:
@@ -477,6 +581,7 @@ def _open_first_stage(directory: Path) -> TokenIndex:
 
     meta = json.loads((directory / "meta.json").read_text())
     index = TokenIndex(directory, meta, faiss.read_index(str(directory / "first_stage.faiss")))
+    index.ids = [f"img{i}" for i in range(meta["num_items"])]
     return index
 
 
@@ -518,18 +623,27 @@ def trained_model(args: argparse.Namespace) -> None:
                 first_stage_tokens=first_tokens, rerank_tokens=rerank_tokens, faiss_factory="IVF16,Flat",
             )  # fmt: skip
             index.add(images, [str(i) for i in range(num_images)]).save()
-            result = index.search(model, texts, k=num_images, candidates=candidates, token_k=32,
-                                  search_params="nprobe=4")  # fmt: skip
-        matrix = torch.full((num_images, len(captions)), -torch.inf)
-        for q in range(len(captions)):
-            found = result.indices[q] >= 0
-            matrix[result.indices[q][found], q] = result.scores[q][found]
-        metrics = retrieval_metrics(matrix, text_to_image)
-        lost = [exhaustive[f"t2i_r{k}"] - metrics[f"t2i_r{k}"] for k in (1, 5, 10)]
-        print(f"token index {codec:7s} first-stage tokens {first_tokens or 'all'}, re-rank tokens "
-              f"{rerank_tokens or 'all'}, {candidates} candidates (IVF16,Flat nprobe 4, token_k 32): "
-              f"{metrics['t2i_r1']:.1f} / {metrics['t2i_r5']:.1f} / {metrics['t2i_r10']:.1f}, lost "
-              f"{' / '.join(f'{x:.1f}' for x in lost)}")  # fmt: skip
+            results = {
+                "tokens (IVF16,Flat nprobe 4, token_k 32)": index.search(
+                    model, texts, k=num_images, candidates=candidates, mode="tokens", token_k=32,
+                    search_params="nprobe=4",
+                ),
+                "centroids (nprobe 2 of 16, ndocs 256, refine 64)": index.search(
+                    model, texts, k=num_images, candidates=candidates, mode="centroids", nprobe=2, ndocs=256,
+                    refine=64,
+                ),
+            }  # fmt: skip
+        for name, result in results.items():
+            matrix = torch.full((num_images, len(captions)), -torch.inf)
+            for q in range(len(captions)):
+                found = result.indices[q] >= 0
+                matrix[result.indices[q][found], q] = result.scores[q][found]
+            metrics = retrieval_metrics(matrix, text_to_image)
+            lost = [exhaustive[f"t2i_r{k}"] - metrics[f"t2i_r{k}"] for k in (1, 5, 10)]
+            print(f"token index {codec:7s} first-stage tokens {first_tokens or 'all'}, re-rank tokens "
+                  f"{rerank_tokens or 'all'}, {candidates} candidates, {name}: "
+                  f"{metrics['t2i_r1']:.1f} / {metrics['t2i_r5']:.1f} / {metrics['t2i_r10']:.1f}, lost "
+                  f"{' / '.join(f'{x:.1f}' for x in lost)}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -554,9 +668,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-k", type=int, default=4096)
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument(
+        "--mode", default="centroids", choices=("tokens", "centroids"),
+        help="first stage: FAISS token hits (token_k) or PLAID centroid interaction (nprobe, ndocs, refine)",
+    )  # fmt: skip
+    parser.add_argument("--centroid-nprobe", type=int, default=2, help="centroids probed per caption token")
+    parser.add_argument(
+        "--ndocs", type=int, default=256, help="candidates scored by full centroid interaction"
+    )
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=64,
+        help="centroid-interaction top re-scored on the int8 first-stage codes (0: off; --first-stage-only: 0)",
+    )
+    parser.add_argument(
         "--query-tokens", type=int, default=8, help="caption tokens searched (highest keep weight; 0: all)"
     )
     parser.add_argument("--first-stage-only", action="store_true", help="time the first stage alone (1M)")
+    parser.add_argument(
+        "--replicate-from", type=int, default=0,
+        help="time the centroid first stage on --gallery rows copied from this cached gallery (latency proxy)",
+    )  # fmt: skip
     parser.add_argument("--model", help="also measure R@1/5/10 lost on a trained model, e.g. runs/tiny/final")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -578,7 +710,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.exhaustive_queries is None:
             args.exhaustive_queries = 100 if gallery <= 20_000 else 30
         args.exhaustive_queries = min(args.exhaustive_queries, args.queries)
-        results.append(first_stage_only(args, gallery) if args.first_stage_only else measure(args, gallery))
+        if args.replicate_from:
+            results.append(replicated_first_stage(args, gallery))
+        else:
+            results.append(
+                first_stage_only(args, gallery) if args.first_stage_only else measure(args, gallery)
+            )
     if args.model:
         trained_model(args)
     print(f"\nmachine at the end: {machine()}")

@@ -3,7 +3,9 @@ reference. Small tiny-model galleries; exact FAISS settings; no timing (speed li
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ from granalign.retrieval.multivector import (  # noqa: E402
     TokenIndex,
     aggregate_token_hits,
     build_token_index_distributed,
+    centroid_interaction,
     first_stage_query_tokens,
     merge_token_indices,
     select_tokens,
@@ -258,6 +261,196 @@ def test_merged_shards_equal_one_build(encoded, tmp_path):
         assert torch.equal(a.indices, b.indices)
 
 
+# ------------------------------------------------------------------ the centroid (PLAID) first stage
+
+_CENTROID_NAMES = ("centroids", "centroid_counts", "centroid_lists", "centroid_offsets", "first_stage_codes")
+
+
+def _centroid_everything(index, nlist):
+    """Centroid first-stage settings that keep every image at every step."""
+    return dict(mode="centroids", nprobe=nlist, ndocs=len(index), candidates=len(index))
+
+
+def _token_centroids(index, images, limit):
+    """Reference: per image, the coarse centroid of each of its first-stage tokens (FAISS's quantizer)."""
+    items, positions = select_tokens(images.token_mask, images.keep_weights, limit)
+    vectors = F.normalize(images.tokens[items, positions].float(), dim=-1).numpy()
+    ivf = faiss.extract_index_ivf(index.faiss_index)
+    assigned = ivf.quantizer.assign(vectors, 1)[:, 0]
+    return [sorted(set(assigned[items.numpy() == n].tolist())) for n in range(images.tokens.shape[0])]
+
+
+@pytest.mark.parametrize(("nlist", "limit", "refine"), [(2, None, 0), (3, 2, 0), (3, None, NUM_IMAGES)])
+def test_centroid_mode_with_exhaustive_settings_gives_the_exhaustive_ranking(
+    encoded, tmp_path, nlist, limit, refine
+):
+    model, images, texts = encoded
+    index = _create(tmp_path / "i", model, images, faiss_factory=f"IVF{nlist},Flat", first_stage_tokens=limit)
+    index.add(_rows(images, slice(0, 5)), _ids(0, 5)).add(_rows(images, slice(5, None)), _ids(5, NUM_IMAGES))
+    index.save()
+    index = TokenIndex.open(tmp_path / "i", model=model)
+    assert index.default_mode == "centroids"
+    result = index.search(model, texts, k=6, refine=refine, **_centroid_everything(index, nlist))
+    scores, rows = exhaustive_topk(model, images, texts, k=6)
+    assert torch.equal(result.indices, rows)
+    torch.testing.assert_close(result.scores, scores, atol=1e-4, rtol=1e-4)
+
+
+def test_centroid_interaction_equals_the_dense_reference(encoded, tmp_path):
+    model, images, texts = encoded
+    index = _create(tmp_path / "i", model, images, faiss_factory="IVF4,Flat", first_stage_tokens=3)
+    index.add(images, _ids(0, NUM_IMAGES)).save()
+    scores, rows = index.first_stage(texts, config=model.config, refine=0, **_centroid_everything(index, 4))
+    centroids = F.normalize(
+        torch.from_numpy(faiss.extract_index_ivf(index.faiss_index).quantizer.reconstruct_n(0, 4)), dim=-1
+    ).double()
+    per_image = _token_centroids(index, images, 3)
+    original, key = model.config.effective_level_weights[:2]
+    slope = model.config.similarity_negative_slope
+    for q in range(texts.tokens.shape[0]):
+        real = texts.token_mask[q].bool()
+        query = F.normalize(texts.tokens[q][real].double(), dim=-1)
+        weight = original + key * texts.keep_weights[q][real].double()
+        cosines = F.leaky_relu(query @ centroids.t(), slope)  # [T, nlist]
+        expected = torch.stack([(weight * cosines[:, c].amax(1)).sum() / weight.sum() for c in per_image])
+        assert sorted(rows[q].tolist()) == list(range(NUM_IMAGES))
+        torch.testing.assert_close(scores[q].double(), expected[rows[q]], atol=1e-5, rtol=1e-5)
+        assert bool((scores[q][1:] <= scores[q][:-1]).all())
+
+
+def test_centroid_candidates_are_the_images_of_the_probed_lists(encoded, tmp_path):
+    model, images, texts = encoded
+    index = _create(tmp_path / "i", model, images, faiss_factory="IVF4,Flat", first_stage_tokens=2)
+    index.add(images, _ids(0, NUM_IMAGES)).save()
+    _, rows = index.first_stage(
+        texts, config=model.config, mode="centroids", nprobe=1, ndocs=NUM_IMAGES, candidates=NUM_IMAGES
+    )
+    per_image = _token_centroids(index, images, 2)
+    vectors, token_query, _ = first_stage_query_tokens(texts, model.config)
+    probed = faiss.extract_index_ivf(index.faiss_index).quantizer.assign(vectors, 1)[:, 0]
+    for q in range(texts.tokens.shape[0]):
+        lists = set(probed[token_query == q].tolist())
+        expected = {n for n, cs in enumerate(per_image) if lists & set(cs)}
+        assert set(rows[q][rows[q] >= 0].tolist()) == expected
+
+
+def test_centroid_refinement_equals_the_dense_late_interaction(encoded, tmp_path):
+    model, images, texts = encoded
+    index = _create(tmp_path / "i", model, images, faiss_factory="IVF3,Flat", first_stage_tokens=2)
+    index.add(images, _ids(0, NUM_IMAGES)).save()
+    settings = _centroid_everything(index, 3)
+    scores, rows = index.first_stage(texts, config=model.config, refine=NUM_IMAGES, **settings)
+    expected = _dense_first_stage(model, images, texts, 2)
+    torch.testing.assert_close(scores.double(), expected.gather(1, rows), atol=1e-5, rtol=1e-5)
+    assert torch.equal(rows, expected.topk(NUM_IMAGES, dim=1).indices)
+
+
+def test_centroid_interaction_equals_the_naive_loop():
+    rng = np.random.default_rng(1)
+    token_scores = rng.uniform(-0.2, 1.0, (3, 6))
+    weight = rng.uniform(0.1, 1.0, 3)
+    per_image = [[0, 4], [5], [1, 1, 2, 3]]
+    got = centroid_interaction(token_scores, weight, np.concatenate(per_image), np.array([2, 1, 4]))
+    expected = [sum(w * max(token_scores[i, c] for c in cs) for i, w in enumerate(weight)) / weight.sum()
+                for cs in per_image]  # fmt: skip
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="at least one token centroid"):
+        centroid_interaction(token_scores, weight, np.array([0]), np.array([1, 0]))
+
+
+def test_centroid_files_of_appended_and_merged_builds_equal_one_build(encoded, tmp_path):
+    model, images, texts = encoded
+    settings = dict(faiss_factory="IVF3,Flat", first_stage_tokens=3)
+    one = _create(tmp_path / "one", model, images, **settings)
+    one.train_first_stage(images)
+    one.write_trained(tmp_path / "trained.faiss")
+    one.add(images, _ids(0, NUM_IMAGES)).save()
+    appended = _create(tmp_path / "app", model, images, trained=tmp_path / "trained.faiss", **settings)
+    appended.add(_rows(images, slice(0, 4)), _ids(0, 4)).save()
+    appended = TokenIndex.open(tmp_path / "app")
+    appended.add(_rows(images, slice(4, None)), _ids(4, NUM_IMAGES)).save()
+    shards = []
+    for shard, rows in enumerate((range(0, 7), range(7, NUM_IMAGES))):
+        part = _create(tmp_path / f"s{shard}", model, images, trained=tmp_path / "trained.faiss", **settings)
+        part.add(_rows(images, slice(rows.start, rows.stop)), _ids(rows.start, rows.stop)).save()
+        shards.append(part.path)
+    merged = merge_token_indices(shards, tmp_path / "merged")
+    search = dict(mode="centroids", nprobe=1, ndocs=5, candidates=4)
+    reference = one.search(model, texts, k=3, **search)
+    for other in (TokenIndex.open(appended.path), TokenIndex.open(merged.path)):
+        for name in _CENTROID_NAMES:
+            assert (one.path / f"{name}.bin").read_bytes() == (other.path / f"{name}.bin").read_bytes(), name
+        result = other.search(model, texts, k=3, **search)
+        assert torch.equal(result.indices, reference.indices)
+    assert one.nbytes()["centroids"] > 0
+
+
+def test_centroid_ids_of_an_older_index_are_read_from_faiss(encoded, tmp_path):
+    model, images, texts = encoded
+    fresh = _create(tmp_path / "fresh", model, images, faiss_factory="IVF3,Flat", first_stage_tokens=3)
+    fresh.add(images, _ids(0, NUM_IMAGES)).save()
+    shutil.copytree(fresh.path, tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "meta.json").read_text())
+    for name in ("token_codes", "centroid_dtype", "centroid_lists_items", "first_stage_codes"):
+        del meta[name]
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    for name in _CENTROID_NAMES:
+        (tmp_path / "old" / f"{name}.bin").unlink()
+    old = TokenIndex.open(tmp_path / "old")
+    assert old.default_mode == "tokens"
+    with pytest.raises(ValueError, match="build_centroid_ids"):
+        old.first_stage(texts, mode="centroids")
+    with pytest.raises(ValueError, match="run build_centroid_ids\\(\\) first"):
+        old.build_first_stage_codes()
+    old.build_centroid_ids()
+    with pytest.raises(ValueError, match="build_first_stage_codes"):
+        old.first_stage(texts, mode="centroids", refine=20)
+    old.build_first_stage_codes(chunk=5)
+    old = TokenIndex.open(tmp_path / "old")
+    # the store keeps fp16 keep weights: they choose the first-stage tokens of the backfilled codes
+    items, positions = select_tokens(images.token_mask, images.keep_weights.half().float(), 3)
+    codes = np.fromfile(old.path / "first_stage_codes.bin", dtype=np.float32).reshape(
+        -1, images.tokens.shape[-1]
+    )
+    np.testing.assert_array_equal(codes, images.tokens[items, positions].numpy())
+    for name in ("centroid_counts", "centroid_lists", "centroid_offsets"):
+        assert (fresh.path / f"{name}.bin").read_bytes() == (old.path / f"{name}.bin").read_bytes(), name
+    search = dict(mode="centroids", nprobe=1, ndocs=6, candidates=4, refine=0, config=model.config)
+    a, b = fresh.first_stage(texts, **search), old.first_stage(texts, **search)
+    assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0])
+
+
+def test_centroid_mode_refuses_bad_settings(encoded, tmp_path):
+    model, images, texts = encoded
+    flat = _create(tmp_path / "flat", model, images)
+    flat.add(images, _ids(0, NUM_IMAGES)).save()
+    assert flat.default_mode == "tokens"
+    with pytest.raises(ValueError, match="stores no centroid ids"):
+        flat.first_stage(texts, mode="centroids")
+    with pytest.raises(ValueError, match="unknown first-stage mode 'plaid'"):
+        flat.first_stage(texts, mode="plaid")
+    with pytest.raises(ValueError, match="needs an IVF faiss_factory"):
+        _create(tmp_path / "bad", model, images, token_codes=False)
+    ivf = _create(tmp_path / "ivf", model, images, faiss_factory="IVF2,Flat", token_codes=False)
+    ivf.add(images, _ids(0, NUM_IMAGES)).save()
+    assert ivf.faiss_index.ntotal == 0 and ivf.faiss_index.is_trained
+    with pytest.raises(ValueError, match="centroids only"):
+        ivf.first_stage(texts, mode="tokens")
+    with pytest.raises(ValueError, match="refine \\(3\\) must be 0 or >= candidates \\(5\\)"):
+        ivf.first_stage(texts, mode="centroids", candidates=5, refine=3)
+    with pytest.raises(ValueError, match="nprobe=0"):
+        ivf.first_stage(texts, mode="centroids", nprobe=0)
+    bare = _create(tmp_path / "bare", model, images, faiss_factory="IVF2,Flat", first_stage_codes=False)
+    bare.add(images, _ids(0, NUM_IMAGES)).save()
+    assert not (bare.path / "first_stage_codes.bin").exists()
+    with pytest.raises(ValueError, match="refine needs the first-stage token codes"):
+        bare.first_stage(texts, mode="centroids", refine=20)
+    result = ivf.search(
+        model, texts, k=3, mode="centroids", nprobe=2, ndocs=NUM_IMAGES, candidates=NUM_IMAGES
+    )
+    assert torch.equal(result.indices, exhaustive_topk(model, images, texts, k=3)[1])
+
+
 def test_shard_ranges_cover_the_rows_once():
     assert [list(shard_range(7, r, 3)) for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
 
@@ -316,6 +509,11 @@ def test_two_process_build_equals_one_process(tmp_path):
             "regions.bin",
             "embeds.bin",
             "first_stage.faiss",
+            "centroids.bin",
+            "centroid_counts.bin",
+            "centroid_lists.bin",
+            "centroid_offsets.bin",
+            "first_stage_codes.bin",
         ]
     )
     # the reference: one process, the same training sample (the main process's first chunk: 6 vectors)
@@ -329,7 +527,7 @@ def test_two_process_build_equals_one_process(tmp_path):
         for ids, images in _chunks(rank, 2):
             single.add(images, ids)
     single.save()
-    for name in ("tokens", "keep", "lengths", "regions", "embeds"):
+    for name in ("tokens", "keep", "lengths", "regions", "embeds", *_CENTROID_NAMES):
         assert (single.path / f"{name}.bin").read_bytes() == (two.path / f"{name}.bin").read_bytes()
     vectors = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(9)), dim=-1).numpy()
     for index in (single, two):

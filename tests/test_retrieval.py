@@ -405,6 +405,9 @@ def test_cli_choices_match_the_library():
     assert cli_parsers.DEFAULT_IMAGE_QUERY_SHORTLIST == search.DEFAULT_IMAGE_QUERY_SHORTLIST
     assert cli_parsers.SHORTLIST_SOURCES == shortlist.SHORTLIST_SOURCES
     assert cli_parsers.BACKENDS == shortlist.BACKENDS
+    multivector = importlib.import_module("granalign.retrieval.multivector")
+    assert cli_parsers.TOKEN_CODECS == multivector.CODECS
+    assert sorted(cli_parsers.TOKEN_FIRST_STAGES) == sorted(multivector.FIRST_STAGE_MODES)
 
 
 def _cli(argv):
@@ -492,6 +495,81 @@ def test_cli_append_and_revision_errors(saved_model, tmp_path):
         _cli(
             ["search", texts, str(tmp_path / "other"), "--image", str(directory / "images"), "--no-progress"]
         )
+
+
+def test_cli_token_index_builds_appends_and_searches_like_exhaustive(saved_model, tmp_path):
+    pytest.importorskip("faiss")
+    from granalign.retrieval.multivector import TokenIndex
+
+    directory, model, processor = saved_model
+    model_dir, output = str(directory / "m"), tmp_path / "tokens"
+    build = ["index", model_dir, str(output), "--token-index", "--codec", "float32", "--no-progress"]
+    first, rest = directory / "images" / "img0.png", directory / "images" / "sub"
+    assert (
+        _cli(
+            [
+                *build,
+                "--first-stage-tokens",
+                "0",
+                "--images",
+                str(first),
+                str(directory / "images" / "img2.png"),
+            ]
+        )
+        == 0
+    )
+    with pytest.raises(ValueError, match="holds a token index: pass --append"):
+        _cli([*build, "--images", str(rest)])
+    assert _cli([*build, "--append", "--images", str(rest), str(directory / "images" / "img4.png")]) == 0
+    index = TokenIndex.open(output, model=model)
+    assert len(index) == 5 and index.has_centroids and index.meta["faiss_factory"] == "IVF1,Flat"
+
+    files = list_image_files([directory / "images"])
+    images = encode_images(model, processor, files, progress=False)
+    captions = ["red circle", "blue square left of a star"]
+    texts = encode_captions(model, processor, captions, progress=False)
+    _, rows = exhaustive_topk(model, images, texts, k=3)
+    expected = [[str(files[int(r)]) for r in row] for row in rows]
+    out = tmp_path / "hits.json"
+    search = ["search", str(output), model_dir, "--text", *captions, "-k", "3", "--no-progress", "--shortlist", "5",
+              "--query-tokens", "0", "--output-json", str(out)]  # fmt: skip
+    for first_stage in (["--nprobe", "1", "--ndocs", "5"], ["--first-stage", "tokens", "--token-k", "1000"]):
+        assert _cli([*search, *first_stage]) == 0
+        results = json.loads(out.read_text())["results"]
+        assert [[hit["id"] for hit in hits] for hits in results] == expected, first_stage
+
+    with pytest.raises(ValueError, match="search it with --text"):
+        _cli(["search", str(output), model_dir, "--image", str(first), "--no-progress"])
+    with pytest.raises(ValueError, match="--mode exhaustive is not available"):
+        _cli([*search, "--mode", "exhaustive"])
+    with pytest.raises(ValueError, match="indexes images"):
+        _cli(["index", model_dir, str(tmp_path / "t"), "--token-index", "--captions-file", str(out)])
+    other = tiny_model("vit", seed=9)
+    other.save_pretrained(tmp_path / "other")
+    processor.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="this token index was built by model"):
+        _cli(["search", str(output), str(tmp_path / "other"), "--text", "red", "--no-progress"])
+
+
+def test_cli_token_index_centroids_only_is_compact_and_refuses_token_search(saved_model, tmp_path):
+    pytest.importorskip("faiss")
+    directory = saved_model[0]
+    model_dir, output = str(directory / "m"), str(tmp_path / "tokens")
+    build = [
+        "index",
+        model_dir,
+        output,
+        "--token-index",
+        "--centroids-only",
+        "--images",
+        str(directory / "images"),
+    ]
+    assert _cli([*build, "--no-progress"]) == 0
+    assert _cli(["search", output, model_dir, "--text", "red circle", "-k", "2", "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="centroids only"):
+        _cli(["search", output, model_dir, "--text", "red", "--first-stage", "tokens", "--no-progress"])
+    with pytest.raises(ValueError, match="--first-stage-tokens must be >= 0"):
+        _cli([*build, "--overwrite", "--first-stage-tokens", "-1"])
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])

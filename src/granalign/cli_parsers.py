@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 MODES = ("two-stage", "exhaustive")  # granalign.retrieval.search.MODES
+TOKEN_CODECS = ("float32", "float16", "int8")  # granalign.retrieval.multivector.CODECS
+TOKEN_FIRST_STAGES = ("centroids", "tokens")  # granalign.retrieval.multivector.FIRST_STAGE_MODES
 DEFAULT_SHORTLIST = 20  # granalign.retrieval.search.DEFAULT_SHORTLIST
 DEFAULT_IMAGE_QUERY_SHORTLIST = 50  # granalign.retrieval.search.DEFAULT_IMAGE_QUERY_SHORTLIST
 SHORTLIST_SOURCES = ("regions", "embeddings")  # granalign.retrieval.shortlist.SHORTLIST_SOURCES
@@ -161,6 +163,33 @@ def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="add the items to an existing index")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    tokens = parser.add_argument_group(
+        "token index", "a multi-vector image index for large galleries (OUTPUT is a directory; needs faiss)"
+    )
+    tokens.add_argument(
+        "--token-index",
+        action="store_true",
+        help="write a TokenIndex (token store + FAISS / centroid first stage) instead of a feature file",
+    )
+    tokens.add_argument("--codec", default="int8", choices=TOKEN_CODECS, help="token storage (token index)")
+    tokens.add_argument(
+        "--first-stage-tokens", type=int, default=32, help="tokens per image in the first stage (0: all)"
+    )
+    tokens.add_argument(
+        "--rerank-tokens", type=int, default=0, help="tokens per image kept for the re-rank (0: all, exact)"
+    )
+    tokens.add_argument(
+        "--token-factory",
+        default="auto",
+        help="FAISS index_factory of the first stage, e.g. IVF1024,PQ64x4fs (auto: IVF<n>,Flat, n from "
+        "the gallery size)",
+    )
+    tokens.add_argument(
+        "--centroids-only",
+        action="store_true",
+        help="add no token vectors to FAISS (no --first-stage tokens search): the centroid first stage needs "
+        "only each token's IVF centroid",
+    )
     _add_model_options(parser)
     return parser
 
@@ -190,6 +219,28 @@ def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="embedding shortlist backend")
     parser.add_argument("--faiss-factory", default="Flat", help="FAISS index factory string, e.g. HNSW32")
+    tokens = parser.add_argument_group(
+        "token index",
+        "for INDEX written by `granalign index --token-index` (--shortlist: re-ranked candidates)",
+    )
+    tokens.add_argument(
+        "--first-stage",
+        choices=TOKEN_FIRST_STAGES,
+        help="token-index first stage (default: centroids where the index stores them)",
+    )
+    tokens.add_argument(
+        "--nprobe", type=int, default=2, help="centroids probed per caption token (centroids)"
+    )
+    tokens.add_argument("--ndocs", type=int, default=256, help="candidates scored by centroid interaction")
+    tokens.add_argument(
+        "--refine",
+        type=int,
+        help="of those, re-scored on first-stage token codes (0: off; default 64 if stored)",
+    )
+    tokens.add_argument("--token-k", type=int, default=256, help="FAISS hits per caption token (tokens)")
+    tokens.add_argument(
+        "--query-tokens", type=int, default=8, help="caption tokens searched, highest keep weight (0: all)"
+    )
     parser.add_argument("--output-json", help="also write the results to this JSON file")
     _add_model_options(parser)
     return parser

@@ -6,8 +6,8 @@ fine-grained kernel or in two stages: a cheap shortlist (`shortlist`: the region
 global embeddings with exact matmul / FAISS) re-ranked by the fine-grained score of the shortlisted
 pairs only (`rerank`). `two_stage_scores` (`matrix`) is the same engine as a full score matrix for
 the evaluation protocol. For galleries too large to scan, `TokenIndex` (`multivector`) keeps the tokens
-on disk (int8 / fp16, memory-mapped) and shortlists sub-linearly over token vectors with FAISS (PLAID /
-ColBERT-style per-token candidate gathering) before the same exact re-rank.
+on disk (int8 / fp16, memory-mapped) and shortlists from token-level IVF centroids (PLAID-style candidate
+generation and centroid interaction, the default) or FAISS token hits before the same exact re-rank.
 
 Example:
 ```python

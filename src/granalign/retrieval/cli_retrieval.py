@@ -7,6 +7,14 @@
                                   [--mode two-stage|exhaustive] [--shortlist N]
                                   [--shortlist-by regions|embeddings] [--output-json FILE]
 
+A multi-vector token index (`granalign.retrieval.TokenIndex`, a directory) for large image galleries:
+
+    granalign index MODEL OUTPUT_DIR --token-index (--images PATH... | --dataset SOURCE) [--codec int8]
+                    [--first-stage-tokens 32] [--rerank-tokens N] [--token-factory IVF1024,PQ64x4fs]
+                    [--centroids-only] [--append | --overwrite]
+    granalign search OUTPUT_DIR MODEL --text CAPTION... [--first-stage centroids|tokens] [--nprobe 4]
+                    [--ndocs 256] [--refine 0] [--token-k 256] [--query-tokens 8] [--shortlist 20]
+
 MODEL is a saved model directory or Hub id (with `--revision`). User errors raise `ValueError` /
 `OSError`, which `granalign.cli.main` prints as one line (exit status 2): an image file that cannot be read
 is one, naming the file, unless `--skip-bad-images` leaves such files out of the index and lists them.
@@ -149,10 +157,74 @@ def _encode_source(args: argparse.Namespace, model: Any, processor: Any) -> tupl
 # ------------------------------------------------------------------------------------------ commands
 
 
+def _auto_factory(num_vectors: int) -> str:
+    """`IVF<n>,Flat` with n a power of two giving >= 39 training vectors per centroid (FAISS's minimum),
+    at most 1,024."""
+    nlist = 1
+    while nlist * 2 <= 1024 and nlist * 2 * 39 <= num_vectors:
+        nlist *= 2
+    return f"IVF{nlist},Flat"
+
+
+def _run_token_index(args: argparse.Namespace) -> int:
+    """`granalign index --token-index`: encode images (the shared encode path) into a `TokenIndex`."""
+    import shutil
+
+    from granalign.retrieval.multivector import TokenIndex, select_tokens
+
+    if args.captions or args.captions_file:
+        raise ValueError("--token-index indexes images (--images or --dataset), not captions")
+    for name in ("first_stage_tokens", "rerank_tokens"):
+        if getattr(args, name) < 0:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be >= 0 (0: all tokens), got {getattr(args, name)}"
+            )
+    output = Path(args.output)
+    exists = (output / "meta.json").is_file()
+    if output.exists() and not exists and any(output.iterdir()):
+        raise ValueError(
+            f"{str(output)!r} is a non-empty folder without a token index: choose another OUTPUT"
+        )
+    if output.is_file():
+        raise ValueError(f"{str(output)!r} is a file; a token index is a directory")
+    if exists and not (args.append or args.overwrite):
+        raise ValueError(f"{str(output)!r} holds a token index: pass --append to add to it or --overwrite")
+    if args.append and not exists:
+        raise FileNotFoundError(f"--append: no token index at {str(output)!r} to add to")
+    model, processor = _load_model(args)
+    index = TokenIndex.open(output, model=model) if args.append else None
+    outputs, ids, _ = _encode_source(args, model, processor)
+    if index is None:
+        if args.overwrite and output.exists():
+            shutil.rmtree(output)
+        first_stage = args.first_stage_tokens or None
+        factory = args.token_factory
+        if factory == "auto":
+            factory = _auto_factory(
+                len(select_tokens(outputs.token_mask, outputs.keep_weights, first_stage)[0])
+            )
+        regions = getattr(outputs, "region_tokens", None)
+        index = TokenIndex.create(
+            output, model, dim=outputs.tokens.shape[-1], num_regions=0 if regions is None else regions.shape[1],
+            codec=args.codec, first_stage_tokens=first_stage, rerank_tokens=args.rerank_tokens or None,
+            faiss_factory=factory, token_codes=not args.centroids_only,
+        )  # fmt: skip
+    index.add(outputs, ids).save()
+    sizes = index.nbytes()
+    print(f"wrote {output}: {index!r}; {sum(sizes.values()) / max(len(index), 1) / 1024:.1f} KiB per image")
+    return 0
+
+
+def _is_token_index(path: str) -> bool:
+    return Path(path).is_dir() and (Path(path) / "meta.json").is_file()
+
+
 def run_index(args: argparse.Namespace) -> int:
     """Encode the gallery the arguments name and write (or extend) the index file."""
     from granalign.retrieval.index import GalleryIndex
 
+    if getattr(args, "token_index", False):
+        return _run_token_index(args)
     output = Path(args.output)
     if output.exists() and not (args.append or args.overwrite):
         raise ValueError(f"{str(output)!r} exists: pass --append to add to it or --overwrite to replace it")
@@ -184,8 +256,21 @@ def run_search(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or (args.shortlist is not None and args.shortlist < 1):
         raise ValueError(f"-k and --shortlist must be >= 1, got {args.top_k} and {args.shortlist}")
+    token_index = _is_token_index(args.index)
+    if token_index and not args.text:
+        raise ValueError(f"{args.index!r} is a token index of images: search it with --text captions")
+    if token_index and args.mode != "two-stage":
+        raise ValueError(
+            "a token index is searched in two stages (first stage, then the exact re-rank of --shortlist "
+            f"candidates); --mode {args.mode} is not available for it"
+        )
     model, processor = _load_model(args)
-    index = GalleryIndex.load(args.index, model=model)
+    if token_index:
+        from granalign.retrieval.multivector import TokenIndex
+
+        index = TokenIndex.open(args.index, model=model)
+    else:
+        index = GalleryIndex.load(args.index, model=model)
     progress, batch = not args.no_progress, args.batch_size
     if args.text:
         labels = list(args.text)
@@ -196,12 +281,20 @@ def run_search(args: argparse.Namespace) -> int:
     else:
         arrays, labels = _read_regions(args.regions)
         queries = encode.encode_regions(model, arrays, batch, progress)
-    result = search(
-        model, index, queries, k=args.top_k, mode=args.mode, shortlist=args.shortlist,
-        shortlist_by=args.shortlist_by, backend=args.backend, faiss_factory=args.faiss_factory,
-        progress=progress,
-    )  # fmt: skip
-    records = result.to_records(index)
+    if token_index:
+        result = index.search(
+            model, queries, k=args.top_k, candidates=args.shortlist or 20, token_k=args.token_k,
+            query_tokens=args.query_tokens or None, mode=args.first_stage, nprobe=args.nprobe,
+            ndocs=args.ndocs, refine=args.refine,
+        )  # fmt: skip
+        records = result.to_records()
+    else:
+        result = search(
+            model, index, queries, k=args.top_k, mode=args.mode, shortlist=args.shortlist,
+            shortlist_by=args.shortlist_by, backend=args.backend, faiss_factory=args.faiss_factory,
+            progress=progress,
+        )  # fmt: skip
+        records = result.to_records(index)
     for label, hits in zip(labels, records, strict=True):
         print(f"query: {label}")
         for hit in hits:

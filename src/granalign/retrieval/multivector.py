@@ -22,6 +22,26 @@
 number of images sharing a concept (benchmarks/README.md, `bench_search_scale.py`: 256 suffices at 10k
 synthetic images, 4,096 at 100k).
 
+**Centroid first stage** (`mode="centroids"`, PLAID: Santhanam et al. 2022), for IVF first stages: every
+first-stage token's IVF coarse centroid is stored (`centroids.bin`, one id per token, in image order) with
+the inverted lists centroid → image rows derived from it (`centroid_lists.bin`, rebuilt by `save`). A
+query scores its tokens against all centroids (one `[T, nlist]` matmul, cosines), and
+
+1. *candidate generation*: each query token probes its `nprobe` best centroids; the images in those
+   centroids' lists are the candidates, scored as the token hits are (`aggregate_token_hits`): per query
+   token the best probed centroid the image holds, else the token's lowest probed score (the pruned
+   centroid interaction); the best `ndocs` go on;
+2. *centroid interaction* (`centroid_interaction`): per query token the max over **all** the candidate's
+   token centroids, LeakyReLU'd, weighted as above; the best `refine` (or `candidates`) go on;
+3. optional *refinement* (`refine > 0`): the exact caption-side interaction over the candidates'
+   first-stage tokens, decoded from their compact codes (`first_stage_codes.bin`, the store's codec:
+   PLAID's decompression step); the best `candidates` go to the re-rank. Centroid interaction ties
+   whenever images hold the same centroids (on the synthetic benchmark ~80 images tie for first at
+   100k), so refinement is what orders them before the re-rank.
+
+Its cost grows with the probed lists (about `T · nprobe · N · tokens per image / nlist` rows), not with a
+`token_k` that must cover every image sharing a concept.
+
 The top `candidates` images of the first stage are re-ranked by the exact GRM score
 (`rerank.pair_scores`, the one scoring kernel) on the stored tokens. With ``float32`` storage of every
 token and exhaustive first-stage parameters the result is the exhaustive ranking.
@@ -40,6 +60,9 @@ Layout of the directory:
 | `tokens.bin`, `keep.bin`, `lengths.bin` | re-rank tokens `[T, d]` (codec), keep weights `[T]` (fp16), tokens per image `[N]` (int32) |
 | `regions.bin`, `embeds.bin` | region tokens `[N, K, d]` (codec, absent without regions), global embeddings `[N, d]` (fp16) |
 | `first_stage.faiss` | the FAISS index of first-stage token vectors, ids = image rows |
+| `centroids.bin`, `centroid_counts.bin` | IVF centroid of each first-stage token `[T_fs]` (uint16 / int32), first-stage tokens per image `[N]` (int32) |
+| `centroid_lists.bin`, `centroid_offsets.bin` | derived: image rows of each centroid, unique and ascending `[E]` (int32), CSR offsets `[nlist + 1]` (int64) |
+| `first_stage_codes.bin` | the first-stage tokens `[T_fs, d]` (codec), for `refine` (absent with `first_stage_codes=False`) |
 """
 
 from __future__ import annotations
@@ -60,11 +83,13 @@ from granalign.retrieval.fingerprint import describe_model, model_fingerprint, m
 
 __all__ = [
     "CODECS",
+    "FIRST_STAGE_MODES",
     "TOKEN_INDEX_FORMAT",
     "TokenIndex",
     "TokenStore",
     "aggregate_token_hits",
     "build_token_index_distributed",
+    "centroid_interaction",
     "first_stage_query_tokens",
     "merge_token_indices",
     "select_tokens",
@@ -77,6 +102,11 @@ CODECS = ("float32", "float16", "int8")
 _NUMPY = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 _FAISS_FILE = "first_stage.faiss"
 _TRAINED_FILE = "trained.faiss"
+FIRST_STAGE_MODES = ("tokens", "centroids")
+DEFAULT_REFINE = 64  # centroid-interaction candidates refined on their first-stage codes (measured)
+_CENTROID_FILES = ("centroids.bin", "centroid_counts.bin")
+_LIST_FILES = ("centroid_lists.bin", "centroid_offsets.bin")
+_FS_CODES_FILE = "first_stage_codes.bin"
 
 
 def _faiss() -> Any:
@@ -95,6 +125,15 @@ def _ivf(index: Any) -> Any:
         return _faiss().extract_index_ivf(index)
     except RuntimeError:
         return None
+
+
+def _top_level_ivf(index: Any) -> Any:
+    """`index` as an IVF index when it is one itself (no pre-transform: its quantizer sees the vectors)."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap):
+        return None
+    return index if isinstance(index, faiss.IndexIVF) else None
 
 
 # ------------------------------------------------------------------ codecs and token selection
@@ -230,6 +269,55 @@ def aggregate_token_hits(
     return out_scores, out_rows
 
 
+def _segment_starts(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)[:-1]]) if counts.size else counts
+
+
+def _gather_segments(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Flat positions `[Σ counts]` of the segments `[starts[j], starts[j] + counts[j])`, in order."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - _segment_starts(counts), counts)
+    return shift + np.arange(total, dtype=np.int64)
+
+
+def centroid_interaction(
+    token_scores: np.ndarray, token_weight: np.ndarray, centroid_ids: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """PLAID's centroid interaction of one query with `R` candidate images.
+
+    Args:
+        token_scores: `[T, nlist]` per query token and centroid the (LeakyReLU'd) score.
+        token_weight: `[T]` weight of each query token.
+        centroid_ids: `[Σ counts]` the candidates' token centroids, candidate after candidate.
+        counts: `[R]` tokens per candidate (each >= 1).
+
+    Returns `[R]`: `Σ_i w_i · max_{c ∈ C(n)} s_ic / Σ_i w_i`.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.size == 0:
+        return np.zeros(0)
+    if int(counts.min()) < 1:
+        raise ValueError("every candidate of a centroid interaction needs at least one token centroid")
+    values = token_scores[:, np.asarray(centroid_ids, dtype=np.int64)]  # [T, Σ counts]
+    best = np.maximum.reduceat(values, _segment_starts(counts), axis=1)  # [T, R]
+    weight = np.asarray(token_weight, dtype=np.float64)
+    return (weight @ best) / max(float(weight.sum()), 1e-12)
+
+
+def _top(scores: np.ndarray, rows: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `count` best (score, row) pairs, best first, ties to the lower row."""
+    if scores.size > count:
+        keep = np.argpartition(-scores, count - 1)[:count]
+        threshold = scores[keep].min()
+        keep = np.flatnonzero(scores >= threshold)  # every tie at the boundary, then cut after sorting
+        scores, rows = scores[keep], rows[keep]
+    order = np.lexsort((rows, -scores))[:count]
+    return scores[order], rows[order]
+
+
 # ------------------------------------------------------------------ the re-rank store
 
 
@@ -361,6 +449,7 @@ class TokenIndex:
         self.faiss_index = faiss_index
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # FAISS training buffer (vectors, rows)
         self._pending_count = 0
+        self._centroid_cache: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -379,6 +468,8 @@ class TokenIndex:
         train_size: int = 131_072,
         trained: str | os.PathLike | None = None,
         fingerprint: str | None = None,
+        token_codes: bool = True,
+        first_stage_codes: bool = True,
     ) -> TokenIndex:
         """A new, empty index directory at `path` (which must not hold an index).
 
@@ -391,6 +482,14 @@ class TokenIndex:
             faiss_factory: FAISS `index_factory` string (inner product) of the first stage.
             train_size: first-stage vectors buffered to train it (IVF / PQ), then added.
             trained: a trained, empty FAISS index file to start from (shards of one build share it).
+            token_codes: add the first-stage vectors to FAISS (needed by `mode="tokens"`); False keeps
+                FAISS as the (trained) coarse quantizer only, for a centroid-only first stage (an IVF
+                factory is then required).
+            first_stage_codes: with an IVF first stage, also store the first-stage tokens in `codec`
+                (d bytes per token in int8), which `refine` scores exactly.
+
+        An IVF first stage (a factory starting with ``IVF``) also stores every first-stage token's coarse
+        centroid, for `mode="centroids"`.
         """
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
@@ -407,6 +506,12 @@ class TokenIndex:
                 index = faiss.IndexIDMap2(index)
         if index.ntotal:
             raise ValueError("a trained starting index must be empty")
+        ivf = _top_level_ivf(index)
+        if not token_codes and ivf is None:
+            raise ValueError(
+                f"token_codes=False keeps only the coarse centroids, which needs an IVF faiss_factory "
+                f"(e.g. 'IVF1024,Flat'), got {faiss_factory!r}"
+            )
         meta = {
             "format": TOKEN_INDEX_FORMAT,
             "version": TOKEN_INDEX_VERSION,
@@ -421,6 +526,10 @@ class TokenIndex:
             "faiss_factory": faiss_factory,
             "train_size": int(train_size),
             "num_items": 0,
+            "token_codes": bool(token_codes),
+            "centroid_dtype": None if ivf is None else ("uint16" if ivf.nlist <= 65536 else "int32"),
+            "centroid_lists_items": -1,
+            "first_stage_codes": bool(first_stage_codes) and ivf is not None,
         }
         (path / "ids.txt").write_text("")
         result = cls(path, meta, index)
@@ -513,6 +622,11 @@ class TokenIndex:
             outputs.token_mask, outputs.keep_weights, self.meta["first_stage_tokens"]
         )
         vectors = _unit(outputs.tokens[items, positions])
+        if self.has_centroids:
+            self._append_centroid_counts(np.bincount(items.numpy(), minlength=count))
+        if self.meta.get("first_stage_codes"):
+            with open(self.path / _FS_CODES_FILE, "ab") as handle:
+                handle.write(encode_vectors(outputs.tokens[items, positions], codec).tobytes())
         self._add_first_stage(vectors, items.numpy().astype(np.int64) + first)
         self.ids.extend(ids)
         self._id_set.update(ids)
@@ -523,7 +637,7 @@ class TokenIndex:
 
     def _add_first_stage(self, vectors: np.ndarray, rows: np.ndarray) -> None:
         if self.faiss_index.is_trained and not self._pending:
-            self.faiss_index.add_with_ids(vectors, rows)
+            self._add_trained(vectors, rows)
             return
         self._pending.append((vectors, rows))
         self._pending_count += len(vectors)
@@ -537,8 +651,24 @@ class TokenIndex:
         rows = np.concatenate([r for _, r in self._pending])
         if not self.faiss_index.is_trained:
             self.faiss_index.train(vectors[: self.meta["train_size"]])
-        self.faiss_index.add_with_ids(vectors, rows)
+        self._add_trained(vectors, rows)
         self._pending, self._pending_count = [], 0
+
+    def _add_trained(self, vectors: np.ndarray, rows: np.ndarray) -> None:
+        """Add first-stage vectors `[T, d]` (unit) of image `rows` `[T]` to the trained first stage."""
+        if self.meta.get("token_codes", True):
+            self.faiss_index.add_with_ids(vectors, rows)
+        if self.has_centroids:
+            assigned = _top_level_ivf(self.faiss_index).quantizer.assign(vectors, 1)[:, 0]
+            with open(self.path / _CENTROID_FILES[0], "ab") as handle:
+                handle.write(assigned.astype(self.meta["centroid_dtype"]).tobytes())
+        self._centroid_cache = None
+
+    def _append_centroid_counts(self, counts: np.ndarray) -> None:
+        """Append the first-stage token count of each new image `[n]` (their centroids follow in order)."""
+        with open(self.path / _CENTROID_FILES[1], "ab") as handle:
+            handle.write(np.asarray(counts, dtype=np.int32).tobytes())
+        self._centroid_cache = None
 
     def train_first_stage(self, sample: GranAlignImageOutput) -> None:
         """Train the (empty) FAISS index on the first-stage vectors of a sample of images."""
@@ -554,11 +684,121 @@ class TokenIndex:
         _faiss().write_index(self.faiss_index, str(file))
 
     def save(self) -> TokenIndex:
-        """Train on what is buffered if needed (a gallery smaller than `train_size`), write FAISS and meta."""
+        """Train on what is buffered if needed (a gallery smaller than `train_size`), write FAISS, the
+        centroid lists and meta."""
         self._flush_pending()
         _faiss().write_index(self.faiss_index, str(self.path / _FAISS_FILE))
+        if self.has_centroids:
+            self._write_centroid_lists()
         self._write_meta()
         return self
+
+    # ------------------------------------------------------------------ centroid lists
+
+    @property
+    def has_centroids(self) -> bool:
+        """Whether the index stores the coarse centroid of every first-stage token (`mode="centroids"`)."""
+        return self.meta.get("centroid_dtype") is not None
+
+    @property
+    def default_mode(self) -> str:
+        """The first-stage mode used when none is given: "centroids" where the index stores them."""
+        return "centroids" if self.has_centroids else "tokens"
+
+    def _centroid_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Memory-mapped centroid ids `[T_fs]` and first-stage token counts `[N]`."""
+        arrays = []
+        for name, dtype in zip(_CENTROID_FILES, (self.meta["centroid_dtype"], np.int32), strict=True):
+            file = self.path / name
+            size = file.stat().st_size // np.dtype(dtype).itemsize if file.exists() else 0
+            arrays.append(
+                np.memmap(file, dtype=dtype, mode="r", shape=(size,)) if size else np.zeros(0, dtype)
+            )
+        return arrays[0], arrays[1]
+
+    def _write_centroid_lists(self) -> None:
+        """Derive the inverted lists centroid → unique image rows from `centroids.bin` (when stale)."""
+        if self.meta.get("centroid_lists_items") == len(self.ids) and all(
+            (self.path / name).exists() for name in _LIST_FILES
+        ):
+            return
+        centroids, counts = self._centroid_arrays()
+        if counts.shape[0] != len(self.ids) or int(counts.sum(dtype=np.int64)) != centroids.shape[0]:
+            raise ValueError(
+                f"{str(self.path)!r} is damaged: {counts.shape[0]} centroid counts summing to "
+                f"{int(counts.sum(dtype=np.int64))} for {len(self.ids)} images and {centroids.shape[0]} ids"
+            )
+        nlist = _top_level_ivf(self.faiss_index).nlist
+        rows = np.repeat(np.arange(len(self.ids), dtype=np.int64), np.asarray(counts, dtype=np.int64))
+        keys = np.unique(np.asarray(centroids, dtype=np.int64) * max(len(self.ids), 1) + rows)
+        lists = (keys % max(len(self.ids), 1)).astype(np.int32)
+        offsets = np.concatenate(
+            [[0], np.cumsum(np.bincount(keys // max(len(self.ids), 1), minlength=nlist))]
+        )
+        for name, array in zip(_LIST_FILES, (lists, offsets.astype(np.int64)), strict=True):
+            tmp = self.path / f"{name}.tmp"
+            array.tofile(tmp)
+            os.replace(tmp, self.path / name)
+        self.meta["centroid_lists_items"] = len(self.ids)
+        self._centroid_cache = None
+
+    def build_centroid_ids(self) -> TokenIndex:
+        """Store the centroid ids of an IVF index built without them (read from FAISS's inverted lists;
+        within an image they come sorted by centroid, not in token order), then save."""
+        if self.has_centroids:
+            return self
+        ivf = _top_level_ivf(self.faiss_index)
+        if ivf is None or not self.faiss_index.ntotal:
+            raise ValueError(
+                f"centroid ids can be read only from a filled IVF first stage, not {self.meta['faiss_factory']!r}"
+            )
+        faiss = _faiss()
+        lists, rows = [], []
+        for centroid in range(ivf.nlist):
+            size = ivf.invlists.list_size(centroid)
+            if size:
+                rows.append(faiss.rev_swig_ptr(ivf.invlists.get_ids(centroid), size).copy())
+                lists.append(np.full(size, centroid, dtype=np.int64))
+        rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        lists_all = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+        order = np.lexsort((lists_all, rows_all))
+        self.meta["centroid_dtype"] = "uint16" if ivf.nlist <= 65536 else "int32"
+        self.meta.setdefault("token_codes", True)
+        for name in _CENTROID_FILES + _LIST_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        self.meta["centroid_lists_items"] = -1
+        with open(self.path / _CENTROID_FILES[0], "wb") as handle:
+            handle.write(lists_all[order].astype(self.meta["centroid_dtype"]).tobytes())
+        self._append_centroid_counts(np.bincount(rows_all, minlength=len(self.ids)))
+        return self.save()
+
+    def _centroids(self) -> dict[str, np.ndarray]:
+        """What the centroid first stage reads: unit centroids `[nlist, d]`, lists, offsets, ids, counts."""
+        if not self.has_centroids:
+            raise ValueError(
+                f"this token index stores no centroid ids (first stage {self.meta['faiss_factory']!r}): "
+                "mode='centroids' needs an IVF first stage (an older IVF index: run build_centroid_ids())"
+            )
+        if self._pending or self.meta.get("centroid_lists_items") != len(self.ids):
+            self._flush_pending()
+            self._write_centroid_lists()
+        if self._centroid_cache is None:
+            ivf = _top_level_ivf(self.faiss_index)
+            matrix = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)
+            matrix /= np.linalg.norm(matrix, axis=1, keepdims=True).clip(1e-12)
+            ids, counts = self._centroid_arrays()
+            counts = np.asarray(counts, dtype=np.int64)
+            lists = (
+                np.fromfile(self.path / _LIST_FILES[0], dtype=np.int32)
+                if len(self.ids)
+                else np.zeros(0, np.int32)
+            )
+            offsets = np.fromfile(self.path / _LIST_FILES[1], dtype=np.int64)
+            self._centroid_cache = {
+                "matrix": matrix, "lists": lists, "offsets": offsets, "ids": ids, "counts": counts,
+                "starts": _segment_starts(counts),
+            }  # fmt: skip
+        return self._centroid_cache
 
     def _write_meta(self) -> None:
         self.meta["num_items"] = len(self.ids)
@@ -570,11 +810,16 @@ class TokenIndex:
     # ------------------------------------------------------------------ sizes
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes on disk: the re-rank store and the FAISS first stage."""
+        """Bytes on disk: the re-rank store, the FAISS first stage, the centroid ids and lists and the
+        first-stage token codes."""
         faiss_file = self.path / _FAISS_FILE
+        files = [self.path / name for name in _CENTROID_FILES + _LIST_FILES]
+        codes = self.path / _FS_CODES_FILE
         return {
             "store": self.store.nbytes(),
             "first_stage": faiss_file.stat().st_size if faiss_file.exists() else 0,
+            "centroids": sum(file.stat().st_size for file in files if file.exists()),
+            "first_stage_codes": codes.stat().st_size if codes.exists() else 0,
         }
 
     # ------------------------------------------------------------------ search
@@ -587,13 +832,33 @@ class TokenIndex:
         search_params: str = "",
         config: Any = None,
         query_tokens: int | None = None,
+        mode: str | None = None,
+        nprobe: int = 2,
+        ndocs: int = 256,
+        refine: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate scores and image rows `[Q, candidates]` of each caption's best candidates.
 
         `query_tokens`: search only each caption's that many tokens of highest keep weight (None: all).
+        `mode`: "tokens" (FAISS token hits, `token_k` and `search_params`) or "centroids" (PLAID,
+        `nprobe`, `ndocs`, `refine`; see the module docstring); None: `default_mode`. `refine` None:
+        `max(64, candidates)` where the index stores first-stage codes, else 0 (off).
 
         `search_params`: FAISS parameters, e.g. ``"nprobe=16"`` (IVF) or ``"efSearch=128"`` (HNSW).
         """
+        mode = self.default_mode if mode is None else mode
+        if mode not in FIRST_STAGE_MODES:
+            raise ValueError(f"unknown first-stage mode {mode!r}; expected one of {FIRST_STAGE_MODES}")
+        if mode == "centroids":
+            if refine is None:  # the measured default (benchmarks/README.md): refine 64 where codes exist
+                refine = max(DEFAULT_REFINE, candidates) if self.meta.get("first_stage_codes") else 0
+            return self._centroid_first_stage(
+                queries, candidates, nprobe, ndocs, refine, config, query_tokens
+            )
+        if not self.meta.get("token_codes", True):
+            raise ValueError(
+                "this token index holds centroids only (token_codes=False): use mode='centroids'"
+            )
         if candidates < 1 or token_k < 1:
             raise ValueError(f"candidates and token_k must be >= 1, got {candidates} and {token_k}")
         if self._pending:
@@ -609,6 +874,151 @@ class TokenIndex:
             similarities, images, token_query, token_weight, queries.tokens.shape[0], candidates, slope
         )
 
+    def _centroid_first_stage(
+        self,
+        queries: GranAlignTextOutput,
+        candidates: int,
+        nprobe: int,
+        ndocs: int,
+        refine: int,
+        config: Any,
+        query_tokens: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PLAID candidate generation, centroid interaction and optional refinement (module docstring)."""
+        if candidates < 1 or nprobe < 1 or ndocs < 1 or refine < 0:
+            raise ValueError(
+                f"candidates, nprobe and ndocs must be >= 1 and refine >= 0, got candidates={candidates}, "
+                f"nprobe={nprobe}, ndocs={ndocs}, refine={refine}"
+            )
+        if refine and refine < candidates:
+            raise ValueError(f"refine ({refine}) must be 0 or >= candidates ({candidates})")
+        data = self._centroids()
+        matrix, lists, offsets = data["matrix"], data["lists"], data["offsets"]
+        nlist, count = matrix.shape[0], len(self.ids)
+        nprobe = min(nprobe, nlist)
+        slope = getattr(config, "similarity_negative_slope", 0.1)
+        vectors, token_query, token_weight = first_stage_query_tokens(queries, config, query_tokens)
+        scores = _leaky(vectors @ matrix.T, slope)  # [T, nlist]
+        num_queries = queries.tokens.shape[0]
+        out_scores = torch.full((num_queries, candidates), -torch.inf)
+        out_rows = torch.full((num_queries, candidates), -1, dtype=torch.long)
+        if "best" not in data:  # per-image buffers, kept between calls (every query resets what it wrote)
+            data["best"] = np.full(count, -np.inf, dtype=np.float32)  # this token's best probed score
+            data["total"] = np.zeros(count, dtype=np.float64)  # Σ_i w_i (best_i - floor_i)
+            data["seen"] = np.zeros(count, dtype=bool)
+        best, total, seen = data["best"], data["total"], data["seen"]
+        for query in range(num_queries):
+            tokens = np.flatnonzero(token_query == query)
+            if tokens.size == 0 or count == 0:
+                continue
+            token_scores, weight = scores[tokens], token_weight[tokens]
+            # 1. candidate generation: the images of each token's nprobe best centroids
+            probed = np.argpartition(-token_scores, nprobe - 1, axis=1)[:, :nprobe]
+            probed_scores = np.take_along_axis(token_scores, probed, 1)
+            order = np.argsort(probed_scores, axis=1, kind="stable")  # ascending: later writes win
+            probed = np.take_along_axis(probed, order, 1)
+            probed_scores = np.take_along_axis(probed_scores, order, 1)
+            floor = probed_scores[:, 0].astype(np.float64)
+            for token in range(tokens.size):  # a loop over T · nprobe lists, vectorised within each
+                pieces = []
+                for centroid, value in zip(
+                    probed[token].tolist(), probed_scores[token].tolist(), strict=True
+                ):
+                    rows = lists[offsets[centroid] : offsets[centroid + 1]]
+                    best[rows] = value
+                    pieces.append(rows)
+                touched = np.concatenate(pieces)
+                # duplicates in `touched` carry one value, so the buffered += adds it once per image
+                total[touched] += weight[token] * (best[touched] - floor[token])
+                best[touched] = -np.inf
+                seen[touched] = True
+            rows = np.flatnonzero(seen)
+            weight_sum = max(float(weight.sum()), 1e-12)
+            first = (float(weight @ floor) + total[rows]) / weight_sum
+            total[rows] = 0.0
+            seen[rows] = False
+            _, rows = _top(first, rows, ndocs)
+            # 2. centroid interaction over every token centroid of the candidates
+            counts = data["counts"][rows]
+            ids = data["ids"][_gather_segments(data["starts"][rows], counts)]
+            second = centroid_interaction(token_scores, weight, ids, counts)
+            value, rows = _top(second, rows, refine or candidates)
+            # 3. refinement on the stored tokens
+            if refine:
+                value, rows = _top(self._refine(rows, vectors[tokens], weight, slope), rows, candidates)
+            out_scores[query, : rows.size] = torch.from_numpy(value.astype(np.float32))
+            out_rows[query, : rows.size] = torch.from_numpy(rows.astype(np.int64))
+        return out_scores, out_rows
+
+    def _refine(self, rows: np.ndarray, vectors: np.ndarray, weight: np.ndarray, slope: float) -> np.ndarray:
+        """Exact caption-side interaction `[R]` of one query's token `vectors` `[T, d]` (weights `[T]`)
+        with the first-stage tokens of `rows` `[R]`, decoded from `first_stage_codes.bin`."""
+        if not self.meta.get("first_stage_codes"):
+            raise ValueError(
+                "refine needs the first-stage token codes, which this index does not store: build it with "
+                "first_stage_codes=True or run build_first_stage_codes()"
+            )
+        data = self._centroids()
+        if "codes" not in data:
+            file = self.path / _FS_CODES_FILE
+            dtype = np.dtype(_NUMPY[self.meta["codec"]])
+            size = file.stat().st_size // (dtype.itemsize * self.meta["dim"]) if file.exists() else 0
+            if size != data["ids"].shape[0]:
+                raise ValueError(
+                    f"{str(file)!r} holds {size} tokens, the centroid ids {data['ids'].shape[0]}"
+                )
+            data["codes"] = np.memmap(file, dtype=dtype, mode="r", shape=(size, self.meta["dim"]))
+        counts = data["counts"][rows]
+        tokens = data["codes"][_gather_segments(data["starts"][rows], counts)].astype(np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", tokens, tokens)).clip(1e-12)
+        sims = _leaky((vectors @ tokens.T) / norms, slope)  # [T, Σ counts] cosines
+        best = np.maximum.reduceat(sims, _segment_starts(counts), axis=1)  # [T, R]
+        return (np.asarray(weight, dtype=np.float64) @ best) / max(float(np.sum(weight)), 1e-12)
+
+    def build_first_stage_codes(self, chunk: int = 1000) -> TokenIndex:
+        """Store the first-stage token codes of an index built without them, from the re-rank store (its
+        fp16 keep weights choose the tokens; needs `rerank_tokens` None or >= `first_stage_tokens`), then
+        save. Streams `chunk` images at a time."""
+        if self.meta.get("first_stage_codes"):
+            return self
+        if not self.has_centroids:
+            raise ValueError(
+                "first-stage codes serve the centroid first stage: run build_centroid_ids() first"
+            )
+        limit, kept = self.meta["first_stage_tokens"], self.meta["rerank_tokens"]
+        if kept is not None and (limit is None or kept < limit):
+            raise ValueError(f"the store keeps {kept} tokens per image, fewer than the first stage's {limit}")
+        _, counts = self._centroid_arrays()
+        file = self.path / _FS_CODES_FILE
+        file.unlink(missing_ok=True)
+        store = self.store
+        lengths_all = np.asarray(store._map("lengths"), dtype=np.int64)
+        with open(file, "ab") as handle:
+            for start in range(0, len(self.ids), chunk):
+                rows = np.arange(start, min(start + chunk, len(self.ids)))
+                lengths = lengths_all[rows]
+                positions = _gather_segments(store.offsets[rows], lengths)  # every stored token of the chunk
+                item = torch.from_numpy(np.repeat(np.arange(rows.size), lengths))
+                slot = torch.from_numpy(positions - np.repeat(store.offsets[rows], lengths))
+                width = max(int(lengths.max()), 1)
+                mask = torch.zeros(rows.size, width, dtype=torch.long)
+                keep = torch.zeros(rows.size, width)
+                mask[item, slot] = 1
+                keep[item, slot] = torch.from_numpy(
+                    np.asarray(store._map("keep")[positions], dtype=np.float32)
+                )
+                items, chosen = select_tokens(mask, keep, limit)
+                if not np.array_equal(np.bincount(items.numpy(), minlength=rows.size), counts[rows]):
+                    file.unlink()
+                    raise ValueError(
+                        f"the store's first-stage token counts differ from the centroid ids' in rows {start}+"
+                    )
+                tokens = store.offsets[rows][items.numpy()] + chosen.numpy()  # the codes are copied as stored
+                handle.write(np.ascontiguousarray(store._map("tokens")[tokens]).tobytes())
+        self.meta["first_stage_codes"] = True
+        self._centroid_cache = None
+        return self.save()
+
     def search(
         self,
         model: Any,
@@ -621,9 +1031,13 @@ class TokenIndex:
         pair_chunk_size: int = 1024,
         dtype: torch.dtype | None = None,
         check_model: bool = False,
+        mode: str | None = None,
+        nprobe: int = 2,
+        ndocs: int = 256,
+        refine: int | None = None,
     ) -> Any:
-        """Top-k images per caption: first stage (`first_stage`), then the exact GRM re-rank of the
-        candidates on the stored tokens. Returns a `search.SearchResult`."""
+        """Top-k images per caption: first stage (`first_stage`, `mode` "tokens" or "centroids"), then
+        the exact GRM re-rank of the candidates on the stored tokens. Returns a `search.SearchResult`."""
         from granalign.retrieval.search import SearchResult, rerank_candidates
 
         if not isinstance(queries, GranAlignTextOutput):
@@ -631,7 +1045,10 @@ class TokenIndex:
         if check_model and hasattr(model, "state_dict"):
             self.check_model(model)
         config = getattr(model, "config", model)
-        _, rows = self.first_stage(queries, max(candidates, k), token_k, search_params, config, query_tokens)
+        _, rows = self.first_stage(
+            queries, max(candidates, k), token_k, search_params, config, query_tokens, mode, nprobe, ndocs,
+            refine if refine is None or refine == 0 else max(refine, candidates, k),
+        )  # fmt: skip
         found = rows >= 0
         unique = torch.unique(rows[found])
         local = torch.full_like(rows, -1)
@@ -672,12 +1089,13 @@ def merge_token_indices(shards: Sequence[str | os.PathLike], path: str | os.Path
     opened = [TokenIndex.open(shard) for shard in shards]
     if not opened:
         raise ValueError("nothing to merge")
-    settings = ("model_fingerprint", "dim", "num_regions", "codec", "first_stage_tokens", "rerank_tokens")
+    settings = ("model_fingerprint", "dim", "num_regions", "codec", "first_stage_tokens", "rerank_tokens",
+                "token_codes", "centroid_dtype", "first_stage_codes")  # fmt: skip
     for shard in opened[1:]:
         for name in settings:
-            if shard.meta[name] != opened[0].meta[name]:
+            if shard.meta.get(name) != opened[0].meta.get(name):
                 raise ValueError(
-                    f"shards disagree on {name}: {opened[0].meta[name]!r} vs {shard.meta[name]!r}"
+                    f"shards disagree on {name}: {opened[0].meta.get(name)!r} vs {shard.meta.get(name)!r}"
                 )
     meta = dict(opened[0].meta)
     path = Path(path)
@@ -688,6 +1106,15 @@ def merge_token_indices(shards: Sequence[str | os.PathLike], path: str | os.Path
     for name in merged.store._spec():
         _concat_files([shard.store._file(name) for shard in opened], merged.store._file(name))
     _concat_files([shard.path / "ids.txt" for shard in opened], path / "ids.txt")
+    if meta.get("centroid_dtype") is not None:
+        if any(not shard.has_centroids for shard in opened):
+            shutil.rmtree(path)
+            raise ValueError("some shards store no centroid ids: run build_centroid_ids() on them first")
+        for name in _CENTROID_FILES:  # image order is shard order: the ids need no shift
+            _concat_files([shard.path / name for shard in opened], path / name)
+        if meta.get("first_stage_codes"):
+            _concat_files([shard.path / _FS_CODES_FILE for shard in opened], path / _FS_CODES_FILE)
+        meta["centroid_lists_items"] = -1
     merged.ids = (path / "ids.txt").read_text().splitlines()
     if len(set(merged.ids)) != len(merged.ids):
         shutil.rmtree(path)
