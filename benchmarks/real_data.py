@@ -12,6 +12,8 @@ All of them read the same cached tower outputs, so the towers run once for the w
     python benchmarks/real_data.py --seeds 0 --variants full global_baseline --set train.epochs=5
     python benchmarks/real_data.py --split-seeds 1 2 3 4 --seeds 0 --variants full global_baseline
     python benchmarks/real_data.py --folds 0 1 2 3 4 5 6 7 8 9 --seeds 0 --variants full global_baseline
+    python benchmarks/real_data.py --recipe configs/openmoji-minilm.yaml --folds 0 1 --seeds 0 \
+        --variants full global_baseline    # the OpenMoji emoji (compositional captions), same towers
 
 One split holds only about 300 test images, which are worth about +-13 rSum on their own: `--split-seeds`
 repeats the benchmark on other caption -> split hashes (`data.args.split_seed`), and the summary then
@@ -227,6 +229,7 @@ def main() -> None:
     if args.summarise:
         rows = [row for path in args.summarise for row in json.loads(Path(path).read_text())]
     splits = [(seed, fold) for seed in args.split_seeds for fold in args.folds or [None]]
+    recipe_name = load_recipe(args.recipe).name
     for split_seed, fold in [] if args.summarise else splits:
         split_overrides = [*overrides, f"data.args.split_seed={split_seed}"]
         split_root = root if split_seed == 0 else root / f"split{split_seed}"
@@ -241,13 +244,14 @@ def main() -> None:
                     row = run_variant(args.recipe, name, seed, split_overrides, split_root)
                     if args.label:
                         row["variant"] = f"{name}[{args.label}]"
-                rows.append({**row, "split_seed": split_seed, "fold": fold})
+                rows.append({**row, "recipe": recipe_name, "split_seed": split_seed, "fold": fold})
                 print(json.dumps(rows[-1]), flush=True)
                 root.mkdir(parents=True, exist_ok=True)
                 (root / "real_data.json").write_text(json.dumps(rows, indent=2))  # kept if a later run fails
     names = sorted({_split_name(row) for row in rows})
+    recipes = sorted({row.get("recipe", "openclipart-minilm") for row in rows})
     print(
-        f"\nopenclipart test split (captions unseen in training), splits {names}, "
+        f"\n{' + '.join(recipes)}: test split (captions unseen in training), splits {names}, "
         f"seeds {sorted({row['seed'] for row in rows})}, mean ± std over all runs:"
     )
     print(summarise(rows))
