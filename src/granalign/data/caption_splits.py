@@ -6,6 +6,8 @@ Shared by the rendered-SVG sources (`openclipart`, `openmoji`):
 - `split_rendered`: drops images whose render failed and exact duplicates (same caption, same pixels),
   then puts each row in the split of its caption (`assign_split`), so all images of a caption share a
   split and no test caption is seen in training;
+- `select_render_split`: all of the above plus rendering what the cache lacks, the shared tail of both
+  loaders, with an `Outcome` that writes their common summary;
 - `assign_split`: the split from a hash of `(split_seed, caption)`, by `split_fractions` or, with
   `fold`, by `num_folds` equal buckets (k-fold cross-validation: every caption is tested once).
 """
@@ -13,15 +15,17 @@ Shared by the rendered-SVG sources (`openclipart`, `openmoji`):
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from datasets import DatasetDict
 
 from .captions import caption_key
 from .checks import build_image_split
-from .render_cache import RenderCache
+from .render_cache import RenderCache, RunJobs
+from .reporting import report
 from .schema import SPLITS
 
 
@@ -165,3 +169,58 @@ def build_splits(columns: Columns, wanted: Sequence[str], where: str) -> Dataset
         ids, paths, captions = columns[split]
         result[split] = build_image_split(ids, paths, captions, f"{where} [{split}]")
     return result
+
+
+@dataclass
+class Outcome:
+    """What `select_render_split` did: images capped away, selected and rendered now, rows dropped after
+    rendering, and rows per split."""
+
+    capped: int
+    selected: int
+    rendered_now: int
+    dropped: Dropped
+    rows: dict[str, int]
+
+    def summary(self, max_per_caption: int | None) -> str:
+        """The part of a loader's summary line that every rendered-SVG source shares."""
+        d = self.dropped
+        rows = ", ".join(f"{split}={n}" for split, n in self.rows.items())
+        return (
+            f"{self.capped} capped away (max {max_per_caption} per caption), {self.selected} selected, "
+            f"{self.rendered_now} rendered now, {d.failed} render failures ({d.timeouts} timeouts), "
+            f"{d.duplicates} duplicates dropped; rows: {rows}"
+        )
+
+
+def select_render_split(
+    candidates: Iterable[Candidate],
+    svg_path: Callable[[Candidate], str],
+    cache: RenderCache,
+    render: RunJobs,
+    *,
+    max_per_caption: int | None,
+    limit: int | None,
+    render_timeout: float,
+    split_seed: int,
+    split_fractions: Sequence[float],
+    fold: int | None,
+    num_folds: int,
+    wanted: Sequence[str],
+    where: str,
+    logger: logging.Logger,
+) -> tuple[DatasetDict, Outcome]:
+    """Cap the `candidates` per caption (in the order given), keep the first `limit`, render what `cache`
+    lacks (`svg_path` of a candidate; `render` gets the `(svg path, png path)` jobs), drop failures and
+    duplicates, and split by caption into the `wanted` image splits, named `where` in errors and logs."""
+    selected, capped = cap_per_caption(candidates, max_per_caption)
+    if limit is not None:
+        selected = selected[:limit]
+    todo = cache.missing(((c.digest, svg_path(c)) for c in selected), render_timeout)
+    if todo:
+        report(logger, "%s: rendering %d files into %s", where.split()[0], len(todo), cache.folder)
+        cache.render(todo, render)
+    columns, dropped = split_rendered(selected, cache, split_seed, split_fractions, fold, num_folds)
+    result = build_splits(columns, wanted, where)
+    rows = {split: len(result[split]) for split in wanted}
+    return result, Outcome(capped, len(selected), len(todo), dropped, rows)

@@ -38,7 +38,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,9 @@ from PIL import Image
 from . import render_cache, svg_render
 from .caption_splits import (
     Candidate,
-    build_splits,
-    cap_per_caption,
     check_selection_options,
     fixed_order,
-    split_rendered,
+    select_render_split,
 )
 from .captions import caption_key, normalize_caption
 from .checks import resolve_splits
@@ -239,13 +237,6 @@ class _Counts:
     symlinks: int = 0
     unreadable: int = 0
     without_title: int = 0
-    capped: int = 0
-    selected: int = 0
-    rendered_now: int = 0
-    failed: int = 0
-    timeouts: int = 0
-    duplicates: int = 0
-    rows: dict[str, int] = field(default_factory=dict)
 
 
 def load_openclipart(
@@ -304,41 +295,30 @@ def load_openclipart(
             counts.without_title += 1
         else:
             candidates.append(Candidate(relpath, entry["caption"], entry["sha256"]))
-    selected, counts.capped = cap_per_caption(candidates, max_per_caption)
-    if limit is not None:
-        selected = selected[:limit]
-    counts.selected = len(selected)
-
-    # render what the cache lacks
-    cache = RenderCache(cache_root, image_size, fingerprint)
-    todo = cache.missing(((c.digest, os.fspath(root / c.image_id)) for c in selected), render_timeout)
-    if todo:
-        report(logger, "openclipart: rendering %d files into %s", len(todo), cache.folder)
-        cache.render(todo, lambda jobs: render_files(jobs, image_size, num_proc, render_timeout))
-    counts.rendered_now = len(todo)
-
-    # drop failures and exact duplicates, then split by caption
-    columns, dropped = split_rendered(selected, cache, split_seed, fractions, fold, num_folds)
-    counts.failed, counts.timeouts, counts.duplicates = dropped.failed, dropped.timeouts, dropped.duplicates
-    result = build_splits(columns, wanted, f"openclipart {root}")
-    counts.rows = {split: len(result[split]) for split in wanted}
+    result, outcome = select_render_split(
+        candidates,
+        lambda candidate: os.fspath(root / candidate.image_id),
+        RenderCache(cache_root, image_size, fingerprint),
+        lambda jobs: render_files(jobs, image_size, num_proc, render_timeout),
+        max_per_caption=max_per_caption,
+        limit=limit,
+        render_timeout=render_timeout,
+        split_seed=split_seed,
+        split_fractions=fractions,
+        fold=fold,
+        num_folds=num_folds,
+        wanted=wanted,
+        where=f"openclipart {root}",
+        logger=logger,
+    )
     report(
         logger,
-        "openclipart %s: %d SVG files (%d symlinks skipped), %d unreadable, %d without title, "
-        "%d capped away (max %s per caption), %d selected, %d rendered now, %d render failures "
-        "(%d timeouts), %d duplicates dropped; rows: %s",
+        "openclipart %s: %d SVG files (%d symlinks skipped), %d unreadable, %d without title, %s",
         root,
         counts.found,
         counts.symlinks,
         counts.unreadable,
         counts.without_title,
-        counts.capped,
-        max_per_caption,
-        counts.selected,
-        counts.rendered_now,
-        counts.failed,
-        counts.timeouts,
-        counts.duplicates,
-        ", ".join(f"{split}={n}" for split, n in counts.rows.items()),
+        outcome.summary(max_per_caption),
     )
     return validate_dataset_dict(result)

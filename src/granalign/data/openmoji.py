@@ -38,7 +38,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,9 @@ from datasets import DatasetDict
 from . import render_cache, svg_render
 from .caption_splits import (
     Candidate,
-    build_splits,
-    cap_per_caption,
     check_selection_options,
     fixed_order,
-    split_rendered,
+    select_render_split,
 )
 from .captions import caption_key, normalize_caption
 from .checks import resolve_splits
@@ -168,13 +166,6 @@ class _Counts:
     skipped_groups: int = 0
     without_svg: int = 0
     without_annotation: int = 0
-    capped: int = 0
-    selected: int = 0
-    rendered_now: int = 0
-    failed: int = 0
-    timeouts: int = 0
-    duplicates: int = 0
-    rows: dict[str, int] = field(default_factory=dict)
 
 
 def load_openmoji(
@@ -244,42 +235,33 @@ def load_openmoji(
         digest = hashlib.sha256(data).hexdigest()
         svg_paths.setdefault(digest, os.fspath(svg_path))
         candidates.append(Candidate(hexcode, text, digest))
-    selected, counts.capped = cap_per_caption(candidates, max_per_caption)
-    if limit is not None:
-        selected = selected[:limit]
-    counts.selected = len(selected)
-
-    cache = RenderCache(
-        Path(cache_dir) if cache_dir is not None else default_cache_dir(), image_size, fingerprint
+    result, outcome = select_render_split(
+        candidates,
+        lambda candidate: svg_paths[candidate.digest],
+        RenderCache(
+            Path(cache_dir) if cache_dir is not None else default_cache_dir(), image_size, fingerprint
+        ),
+        lambda jobs: render_files(jobs, image_size, num_proc, render_timeout),
+        max_per_caption=max_per_caption,
+        limit=limit,
+        render_timeout=render_timeout,
+        split_seed=split_seed,
+        split_fractions=fractions,
+        fold=fold,
+        num_folds=num_folds,
+        wanted=wanted,
+        where=f"openmoji {package}",
+        logger=logger,
     )
-    todo = cache.missing(((c.digest, svg_paths[c.digest]) for c in selected), render_timeout)
-    if todo:
-        report(logger, "openmoji: rendering %d files into %s", len(todo), cache.folder)
-        cache.render(todo, lambda jobs: render_files(jobs, image_size, num_proc, render_timeout))
-    counts.rendered_now = len(todo)
-
-    columns, dropped = split_rendered(selected, cache, split_seed, fractions, fold, num_folds)
-    counts.failed, counts.timeouts, counts.duplicates = dropped.failed, dropped.timeouts, dropped.duplicates
-    result = build_splits(columns, wanted, f"openmoji {package}")
-    counts.rows = {split: len(result[split]) for split in wanted}
     report(
         logger,
-        "openmoji %s: %d entries, %d skipped (group %s), %d without SVG, %d without annotation, "
-        "%d capped away (max %s per caption), %d selected, %d rendered now, %d render failures "
-        "(%d timeouts), %d duplicates dropped; rows: %s",
+        "openmoji %s: %d entries, %d skipped (group %s), %d without SVG, %d without annotation, %s",
         package,
         counts.entries,
         counts.skipped_groups,
         "/".join(SKIPPED_GROUPS),
         counts.without_svg,
         counts.without_annotation,
-        counts.capped,
-        max_per_caption,
-        counts.selected,
-        counts.rendered_now,
-        counts.failed,
-        counts.timeouts,
-        counts.duplicates,
-        ", ".join(f"{split}={n}" for split, n in counts.rows.items()),
+        outcome.summary(max_per_caption),
     )
     return validate_dataset_dict(result)
