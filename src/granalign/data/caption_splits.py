@@ -51,14 +51,32 @@ Columns = dict[str, tuple[list[str], list[str], list[list[str]]]]
 """Split -> `(image ids, PNG paths, caption lists)`."""
 
 
+@dataclass(frozen=True)
+class Selection:
+    """A loader's validated cap, limit and split options (`check_selection_options`): which rendered
+    images become rows, and the split of each."""
+
+    max_per_caption: int | None
+    limit: int | None
+    split_fractions: tuple[float, ...]
+    split_seed: int
+    fold: int | None
+    num_folds: int
+
+    def split_of(self, caption: str) -> str:
+        """The split of every image with this caption (`assign_split`)."""
+        return assign_split(caption, self.split_seed, self.split_fractions, self.fold, self.num_folds)
+
+
 def check_selection_options(
     max_per_caption: int | None,
     limit: int | None,
     split_fractions: Sequence[float],
+    split_seed: int,
     fold: int | None,
     num_folds: int,
-) -> tuple[float, ...]:
-    """Validate the cap, limit and split options; return the split fractions as floats."""
+) -> Selection:
+    """Validate the cap, limit and split options (the split fractions become floats)."""
     if not isinstance(num_folds, int) or isinstance(num_folds, bool) or num_folds < 3:
         raise ValueError(
             f"num_folds must be an int >= 3 (test, validation and train folds), got {num_folds!r}"
@@ -79,7 +97,7 @@ def check_selection_options(
             f"split_fractions must be {len(SPLITS)} non-negative numbers (train, validation, test) "
             f"summing to 1, got {split_fractions!r}"
         )
-    return fractions
+    return Selection(max_per_caption, limit, fractions, split_seed, fold, num_folds)
 
 
 def fixed_order(image_id: str) -> str:
@@ -131,12 +149,7 @@ def assign_split(
 
 
 def split_rendered(
-    selected: Iterable[Candidate],
-    cache: RenderCache,
-    split_seed: int,
-    split_fractions: Sequence[float],
-    fold: int | None,
-    num_folds: int,
+    selected: Iterable[Candidate], cache: RenderCache, selection: Selection
 ) -> tuple[Columns, Dropped]:
     """The rows of the `selected` candidates (in their order) by split, and what was dropped: failed
     renders, then exact duplicates (same `caption_key`, same pixels; the first one is kept)."""
@@ -154,8 +167,7 @@ def split_rendered(
             dropped.duplicates += 1
             continue
         seen.add(key)
-        split = assign_split(candidate.caption, split_seed, split_fractions, fold, num_folds)
-        ids, paths, captions = columns[split]
+        ids, paths, captions = columns[selection.split_of(candidate.caption)]
         ids.append(candidate.image_id)
         paths.append(os.fspath(cache.png_path(candidate.digest)))
         captions.append([candidate.caption])
@@ -176,18 +188,19 @@ class Outcome:
     """What `select_render_split` did: images capped away, selected and rendered now, rows dropped after
     rendering, and rows per split."""
 
+    max_per_caption: int | None
     capped: int
     selected: int
     rendered_now: int
     dropped: Dropped
     rows: dict[str, int]
 
-    def summary(self, max_per_caption: int | None) -> str:
+    def summary(self) -> str:
         """The part of a loader's summary line that every rendered-SVG source shares."""
         d = self.dropped
         rows = ", ".join(f"{split}={n}" for split, n in self.rows.items())
         return (
-            f"{self.capped} capped away (max {max_per_caption} per caption), {self.selected} selected, "
+            f"{self.capped} capped away (max {self.max_per_caption} per caption), {self.selected} selected, "
             f"{self.rendered_now} rendered now, {d.failed} render failures ({d.timeouts} timeouts), "
             f"{d.duplicates} duplicates dropped; rows: {rows}"
         )
@@ -198,29 +211,26 @@ def select_render_split(
     svg_path: Callable[[Candidate], str],
     cache: RenderCache,
     render: RunJobs,
+    selection: Selection,
     *,
-    max_per_caption: int | None,
-    limit: int | None,
     render_timeout: float,
-    split_seed: int,
-    split_fractions: Sequence[float],
-    fold: int | None,
-    num_folds: int,
     wanted: Sequence[str],
-    where: str,
+    source: str,
+    location: str | os.PathLike,
     logger: logging.Logger,
 ) -> tuple[DatasetDict, Outcome]:
-    """Cap the `candidates` per caption (in the order given), keep the first `limit`, render what `cache`
-    lacks (`svg_path` of a candidate; `render` gets the `(svg path, png path)` jobs), drop failures and
-    duplicates, and split by caption into the `wanted` image splits, named `where` in errors and logs."""
-    selected, capped = cap_per_caption(candidates, max_per_caption)
-    if limit is not None:
-        selected = selected[:limit]
+    """Cap the `candidates` per caption (in the order given), keep the first `selection.limit`, render
+    what `cache` lacks (`svg_path` of a candidate; `render` gets the `(svg path, png path)` jobs), drop
+    failures and duplicates, and split by caption into the `wanted` image splits. `source` (the loader's
+    name) and `location` (its folder) name the data in logs and errors."""
+    selected, capped = cap_per_caption(candidates, selection.max_per_caption)
+    if selection.limit is not None:
+        selected = selected[: selection.limit]
     todo = cache.missing(((c.digest, svg_path(c)) for c in selected), render_timeout)
     if todo:
-        report(logger, "%s: rendering %d files into %s", where.split()[0], len(todo), cache.folder)
+        report(logger, "%s: rendering %d files into %s", source, len(todo), cache.folder)
         cache.render(todo, render)
-    columns, dropped = split_rendered(selected, cache, split_seed, split_fractions, fold, num_folds)
-    result = build_splits(columns, wanted, where)
+    columns, dropped = split_rendered(selected, cache, selection)
+    result = build_splits(columns, wanted, f"{source} {location}")
     rows = {split: len(result[split]) for split in wanted}
-    return result, Outcome(capped, len(selected), len(todo), dropped, rows)
+    return result, Outcome(selection.max_per_caption, capped, len(selected), len(todo), dropped, rows)

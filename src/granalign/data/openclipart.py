@@ -273,7 +273,7 @@ def load_openclipart(
     Logs one summary line at INFO (files found, skipped and why, rows per split); printed to stderr when
     INFO logging is off. The image column holds paths of PNGs in the cache, decoded on access.
     """
-    fractions = check_selection_options(max_per_caption, limit, split_fractions, fold, num_folds)
+    selection = check_selection_options(max_per_caption, limit, split_fractions, split_seed, fold, num_folds)
     check_render_options(image_size, num_proc, render_timeout)
     root = Path(svg_root)
     if not root.is_dir():
@@ -300,15 +300,11 @@ def load_openclipart(
         lambda candidate: os.fspath(root / candidate.image_id),
         RenderCache(cache_root, image_size, fingerprint),
         lambda jobs: render_files(jobs, image_size, num_proc, render_timeout),
-        max_per_caption=max_per_caption,
-        limit=limit,
+        selection,
         render_timeout=render_timeout,
-        split_seed=split_seed,
-        split_fractions=fractions,
-        fold=fold,
-        num_folds=num_folds,
         wanted=wanted,
-        where=f"openclipart {root}",
+        source=OPENCLIPART,
+        location=root,
         logger=logger,
     )
     report(
@@ -319,6 +315,6 @@ def load_openclipart(
         counts.symlinks,
         counts.unreadable,
         counts.without_title,
-        outcome.summary(max_per_caption),
+        outcome.summary(),
     )
     return validate_dataset_dict(result)

@@ -205,7 +205,7 @@ def load_openmoji(
     Logs one summary line at INFO (entries, skipped and why, rows per split); printed to stderr when
     INFO logging is off. The `image_id` is the hexcode; the image column holds paths of cached PNGs.
     """
-    fractions = check_selection_options(max_per_caption, limit, split_fractions, fold, num_folds)
+    selection = check_selection_options(max_per_caption, limit, split_fractions, split_seed, fold, num_folds)
     check_render_options(image_size, num_proc, render_timeout)
     if caption not in CAPTIONS:
         raise ValueError(f"caption must be one of {CAPTIONS}, got {caption!r}")
@@ -242,15 +242,11 @@ def load_openmoji(
             Path(cache_dir) if cache_dir is not None else default_cache_dir(), image_size, fingerprint
         ),
         lambda jobs: render_files(jobs, image_size, num_proc, render_timeout),
-        max_per_caption=max_per_caption,
-        limit=limit,
+        selection,
         render_timeout=render_timeout,
-        split_seed=split_seed,
-        split_fractions=fractions,
-        fold=fold,
-        num_folds=num_folds,
         wanted=wanted,
-        where=f"openmoji {package}",
+        source=OPENMOJI,
+        location=package,
         logger=logger,
     )
     report(
@@ -262,6 +258,6 @@ def load_openmoji(
         "/".join(SKIPPED_GROUPS),
         counts.without_svg,
         counts.without_annotation,
-        outcome.summary(max_per_caption),
+        outcome.summary(),
     )
     return validate_dataset_dict(result)
