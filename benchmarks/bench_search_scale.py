@@ -566,7 +566,7 @@ def replicated_first_stage(args: argparse.Namespace, gallery: int) -> dict:
         np.mean([int(targets[q]) in set(candidates[q].tolist()) for q in range(args.queries)])
     )
     p50, p95 = _percentiles(times)
-    size = sum(index.nbytes()[name] for name in ("centroids",))
+    size = index.nbytes()["centroids"]
     print(
         f"\n== centroid first stage on {gallery:,} rows ({copies} copies of the {base:,} gallery's centroid ids; "
         f"centroid ids + lists {size / gallery:.0f} B/image); {settings}: p50 {p50:.1f} ms, p95 {p95:.1f} ms, "

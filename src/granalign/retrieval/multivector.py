@@ -301,8 +301,17 @@ def centroid_interaction(
         return np.zeros(0)
     if int(counts.min()) < 1:
         raise ValueError("every candidate of a centroid interaction needs at least one token centroid")
-    values = token_scores[:, np.asarray(centroid_ids, dtype=np.int64)]  # [T, Σ counts]
-    best = np.maximum.reduceat(values, _segment_starts(counts), axis=1)  # [T, R]
+    return _segment_interaction(
+        token_scores[:, np.asarray(centroid_ids, dtype=np.int64)], token_weight, counts
+    )
+
+
+def _segment_interaction(
+    similarities: np.ndarray, token_weight: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Late interaction `[R]` of one query's `[T, Σ counts]` token similarities with `R` candidates whose
+    tokens are consecutive segments of `counts` (each >= 1): `Σ_i w_i · max over the segment / Σ_i w_i`."""
+    best = np.maximum.reduceat(similarities, _segment_starts(counts), axis=1)  # [T, R]
     weight = np.asarray(token_weight, dtype=np.float64)
     return (weight @ best) / max(float(weight.sum()), 1e-12)
 
@@ -971,9 +980,7 @@ class TokenIndex:
         counts = data["counts"][rows]
         tokens = data["codes"][_gather_segments(data["starts"][rows], counts)].astype(np.float32)
         norms = np.sqrt(np.einsum("ij,ij->i", tokens, tokens)).clip(1e-12)
-        sims = _leaky((vectors @ tokens.T) / norms, slope)  # [T, Σ counts] cosines
-        best = np.maximum.reduceat(sims, _segment_starts(counts), axis=1)  # [T, R]
-        return (np.asarray(weight, dtype=np.float64) @ best) / max(float(np.sum(weight)), 1e-12)
+        return _segment_interaction(_leaky((vectors @ tokens.T) / norms, slope), weight, counts)  # cosines
 
     def build_first_stage_codes(self, chunk: int = 1000) -> TokenIndex:
         """Store the first-stage token codes of an index built without them, from the re-rank store (its
