@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import time
@@ -14,6 +13,8 @@ import pytest
 from datasets import Image as ImageFeature
 
 pytest.importorskip("cairosvg", reason="needs the `real` extra (cairosvg + cairocffi)")
+
+from rendered_sources import load_with_summary, rows
 
 from granalign.data import loading
 from granalign.data import openclipart as oc
@@ -54,45 +55,19 @@ def write(root: Path, relpath: str, text: str) -> Path:
     return path
 
 
+OWN_SUMMARY = {
+    "found": r"(\d+) SVG files",
+    "symlinks": r"(\d+) symlinks skipped",
+    "unreadable": r"(\d+) unreadable",
+    "untitled": r"(\d+) without title",
+}
+
+
 def load(root: Path, cache: Path, caplog: pytest.LogCaptureFixture, **kwargs):
     """`load_openclipart` plus the counts of its summary line."""
-    kwargs.setdefault("num_proc", 1)
-    kwargs.setdefault("image_size", 32)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger=oc.__name__):
-        dataset = oc.load_openclipart(root, cache_dir=cache, **kwargs)
-    lines = [r.getMessage() for r in caplog.records if "SVG files" in r.getMessage()]
-    assert len(lines) == 1, lines
-    return dataset, summary_counts(lines[0])
-
-
-def summary_counts(line: str) -> dict[str, int]:
-    patterns = {
-        "found": r"(\d+) SVG files",
-        "symlinks": r"(\d+) symlinks skipped",
-        "unreadable": r"(\d+) unreadable",
-        "untitled": r"(\d+) without title",
-        "capped": r"(\d+) capped away",
-        "selected": r"(\d+) selected",
-        "rendered": r"(\d+) rendered now",
-        "failed": r"(\d+) render failures",
-        "timeouts": r"\((\d+) timeouts\)",
-        "duplicates": r"(\d+) duplicates dropped",
-    }
-    counts = {name: int(re.search(pattern, line).group(1)) for name, pattern in patterns.items()}
-    for split in SPLITS:
-        counts[split] = int(re.search(rf"{split}=(\d+)", line).group(1))
-    return counts
-
-
-def rows(dataset) -> dict[str, str]:
-    """image_id -> its (single) caption, over all splits."""
-    result = {}
-    for split in dataset.values():
-        for image_id, captions in zip(split["image_id"], split["captions"], strict=True):
-            assert len(captions) == 1
-            result[image_id] = captions[0]
-    return result
+    return load_with_summary(
+        oc.load_openclipart, oc.__name__, "SVG files", OWN_SUMMARY, caplog, root, cache_dir=cache, **kwargs
+    )
 
 
 def paths(split) -> list[str]:

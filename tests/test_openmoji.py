@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ import pytest
 from datasets import Image as ImageFeature
 
 pytest.importorskip("cairosvg", reason="needs the `real` extra (cairosvg + cairocffi)")
+
+from rendered_sources import load_with_summary, rows
 
 from granalign.data import loading
 from granalign.data import openmoji as om
@@ -65,43 +65,19 @@ def many(count: int, captions: int) -> list[dict]:
     return [entry(f"E{i:03X}", f"person {i % captions}: medium skin tone") for i in range(count)]
 
 
-SUMMARY = {
+OWN_SUMMARY = {
     "entries": r"(\d+) entries",
     "skipped": r"(\d+) skipped \(group component\)",
     "without_svg": r"(\d+) without SVG",
     "without_annotation": r"(\d+) without annotation",
-    "capped": r"(\d+) capped away",
-    "selected": r"(\d+) selected",
-    "rendered": r"(\d+) rendered now",
-    "failed": r"(\d+) render failures",
-    "duplicates": r"(\d+) duplicates dropped",
 }
 
 
 def load(package: Path, cache: Path, caplog: pytest.LogCaptureFixture, **kwargs):
     """`load_openmoji` plus the counts of its summary line."""
-    kwargs.setdefault("num_proc", 1)
-    kwargs.setdefault("image_size", 32)
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger=om.__name__):
-        dataset = om.load_openmoji(package, cache_dir=cache, **kwargs)
-    lines = [r.getMessage() for r in caplog.records if " entries, " in r.getMessage()]
-    assert len(lines) == 1, lines
-    counts = {name: int(re.search(pattern, lines[0]).group(1)) for name, pattern in SUMMARY.items()}
-    for split in SPLITS:
-        found = re.search(rf"{split}=(\d+)", lines[0])
-        counts[split] = int(found.group(1)) if found else None
-    return dataset, counts
-
-
-def rows(dataset) -> dict[str, str]:
-    """image_id -> its (single) caption, over all splits."""
-    result = {}
-    for split in dataset.values():
-        for image_id, captions in zip(split["image_id"], split["captions"], strict=True):
-            assert len(captions) == 1
-            result[image_id] = captions[0]
-    return result
+    return load_with_summary(
+        om.load_openmoji, om.__name__, " entries, ", OWN_SUMMARY, caplog, package, cache_dir=cache, **kwargs
+    )
 
 
 def caption_keys(dataset) -> dict[str, set[str]]:
