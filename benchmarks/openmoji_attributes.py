@@ -51,6 +51,8 @@ def variant_accuracy(model: GranAlignModel, processor, gallery, gallery_states, 
         for column, caption in enumerate(captions)
         if "skin tone" in caption and len(families[family(caption)]) > 1
     ]
+    if not queries:
+        raise ValueError("no test caption names a skin tone with variants in the data: is this OpenMoji?")
     images, _ = encode_dataset_images(
         model,
         processor,
@@ -80,6 +82,9 @@ def main() -> None:
     parser.add_argument("--recipe", default="configs/openmoji-minilm.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     args = parser.parse_args()
+    runs = sorted(Path(args.fold_dir).glob("*-seed*/best"))
+    if not runs:
+        raise SystemExit(f"{args.fold_dir!r} holds no saved models (<variant>-seed<s>/best) of real_data.py")
     recipe = load_recipe(args.recipe, [*args.set, f"data.args.fold={args.fold}"])
     train, dev, test, _ = load_recipe_splits(recipe.data)
     processor = build_processor(recipe.model, train)
@@ -93,7 +98,7 @@ def main() -> None:
         )
 
     gallery_states, test_states = states(gallery), states(test)
-    for run in sorted(Path(args.fold_dir).glob("*-seed*/best")):
+    for run in runs:
         model = GranAlignModel.from_pretrained(run).eval()
         accuracy, chance, count = variant_accuracy(
             model, processor, gallery, gallery_states, test, test_states
