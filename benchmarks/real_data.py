@@ -92,6 +92,7 @@ def run_simple_baseline(recipe_path: str, seed: int, overrides: list[str], patie
     train_split, dev_split, test_split, _ = load_recipe_splits(recipe.data)
     processor = build_processor(recipe.model, train_split)
     towers = build_model(recipe.model, processor.tokenizer)
+    towers.config.vision_tuned_blocks = 0  # it pools the whole frozen tower's output, whatever GRM tunes
     m = recipe.model
     states = [
         build_split_states(towers, processor, split, True, True, m.tower_cache_dir, m.tower_cache_dtype)

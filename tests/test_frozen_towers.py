@@ -167,6 +167,31 @@ def test_training_on_frozen_towers_leaves_them_unchanged_and_skips_their_augment
     assert main([*args, "--protocol", "coco-1k"]) == 2  # five folds: refused, naming the protocol
 
 
+def test_tuned_blocks_of_a_frozen_tower_train_on_its_cache_and_the_rest_stays_fixed(tmp_path) -> None:
+    recipe = _micro(tmp_path, epochs=1)
+    lite = {"width_coefficient": 0.25, "depth_coefficient": 0.25, "image_size": 32, "hidden_size": 16}
+    recipe["model"]["vision_config"] = {"model_type": "efficientnet_lite", **lite}
+    recipe["model"]["grm"]["vision_tuned_blocks"] = 1
+    with pytest.raises(
+        ValueError, match=r"vision_tuned_blocks=1 .* optim.backbone_lr_multiplier, which is 0"
+    ):
+        recipe_from_dict({**recipe, "optim": {**recipe["optim"], "backbone_lr_multiplier": 0.0}}).validate()
+    from granalign import GranAlignModel
+    from granalign.training.builders import build_model
+
+    parsed = recipe_from_dict(recipe)
+    train_split, _, _, _ = load_recipe_splits(parsed.data)
+    torch.manual_seed(parsed.seed)
+    initial = build_model(parsed.model, build_processor(parsed.model, train_split).tokenizer).state_dict()
+    trained = GranAlignModel.from_pretrained(train(parsed).final_dir).state_dict()
+    tower = [
+        k for k in initial if k.startswith("vision_model.") and "running" not in k and "batches" not in k
+    ]
+    tuned = [k for k in tower if k.startswith(("vision_model.blocks.6.", "vision_model.head."))]
+    changed = {k for k in tower if not torch.equal(initial[k], trained[k])}
+    assert tuned and changed == set(tuned)  # the last block and the head train, the cached part does not
+
+
 def test_collator_reads_cached_states_by_row_and_caption(tmp_path, micro_splits) -> None:
     recipe, split = micro_splits
     processor = build_processor(recipe.model, split)

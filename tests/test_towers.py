@@ -225,6 +225,39 @@ def test_tiny_efficientnet_lite_tower_in_grm_and_checkpointing():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tuned", [1, 3])
+def test_tuned_blocks_run_after_the_cached_states_and_equal_the_whole_tower(tuned):
+    model = _grm({"model_type": "efficientnet_lite", **TINY_LITE})
+    model.config.vision_tuned_blocks = tuned
+    tower = model.vision_model
+    assert model.vision_tuned_modules == [*tower.blocks[-tuned:], tower.head]
+    pixels, _ = _inputs()
+    with torch.no_grad():
+        states = model.vision_tower_states(pixels)
+        bottom = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1 - tuned]
+        direct, cached = model.encode_image(pixels), model.encode_image(vision_hidden_states=states)
+    assert torch.equal(states, bottom.flatten(2).transpose(1, 2))  # the map before the last `tuned` blocks
+    for key, value in direct.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"before the last .* tower blocks, \[B, H\*W, \d+\], got \[2, 3, "):
+        model.encode_image(vision_hidden_states=states[:, :3])  # not a square grid
+    with pytest.raises(ValueError, match="must be the square feature map"):
+        model.encode_image(vision_hidden_states=states[..., :-1])  # the wrong width (a stale cache)
+
+
+def test_tuned_blocks_need_an_efficientnet_lite_tower_and_enough_blocks():
+    with pytest.raises(ValueError, match="vision_tuned_blocks=1 needs an EfficientNet-Lite vision tower"):
+        GranAlignConfig(vision_config={"model_type": "vit"}, text_config=TEXT, vision_tuned_blocks=1)
+    with pytest.raises(ValueError, match="vision_tuned_blocks must be <= the tower's 7 blocks, got 8"):
+        GranAlignConfig(
+            vision_config={"model_type": "efficientnet_lite", **TINY_LITE},
+            text_config=TEXT,
+            vision_tuned_blocks=8,
+        )
+    with pytest.raises(ValueError, match="vision_tuned_blocks must be an integer >= 0, got -1"):
+        GranAlignConfig(vision_config={"model_type": "vit"}, text_config=TEXT, vision_tuned_blocks=-1)
+
+
 # ------------------------------------------------------------------- PyPI EfficientNet-Lite0
 
 

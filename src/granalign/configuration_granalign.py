@@ -145,6 +145,9 @@ class GranAlignConfig(PreTrainedConfig):
             levels by the contrastive loss with weight g. Not in the paper (0 turns it off).
         vision_feature_norm (`str`, defaults to "none"): "layernorm" normalises image tokens (tower outputs or
             precomputed region features, e.g. ReLU6 CNN features in [0, 6]) before the visual projection.
+        vision_tuned_blocks (`int`, defaults to 0): with a frozen, cached vision tower, its last N blocks and
+            its head conv still run (and train) after the cache: `vision_tower_states` stops before them and
+            `encode_image(vision_hidden_states=...)` runs them. EfficientNet-Lite towers only; 0: none.
         global_loss_weight (`float`, defaults to 0.0): weight of an optional contrastive loss (the same
             hinge/InfoNCE) on the global embeddings (`get_image_features` / `get_text_features`). Not part
             of the paper; it makes the embedding shortlist of two-stage search (and FAISS) usable.
@@ -214,6 +217,7 @@ class GranAlignConfig(PreTrainedConfig):
         keep_ratio_loss_weight: float = 0.0,
         keep_ratio_target: float = 0.5,
         vision_feature_norm: str = "none",
+        vision_tuned_blocks: int = 0,
         global_level_weight: float = 0.0,
         global_loss_weight: float = 0.0,
         logvar_min: float = -10.0,
@@ -254,6 +258,7 @@ class GranAlignConfig(PreTrainedConfig):
         self.keep_ratio_loss_weight = keep_ratio_loss_weight
         self.keep_ratio_target = keep_ratio_target
         self.vision_feature_norm = vision_feature_norm
+        self.vision_tuned_blocks = vision_tuned_blocks
         self.global_level_weight = global_level_weight
         self.global_loss_weight = global_loss_weight
         self.logvar_min = logvar_min
@@ -375,6 +380,24 @@ class GranAlignConfig(PreTrainedConfig):
             )
         if self.vision_num_prefix_tokens is not None and self.vision_num_prefix_tokens < 0:
             raise ValueError(f"vision_num_prefix_tokens must be >= 0, got {self.vision_num_prefix_tokens!r}")
+        self._validate_tuned_blocks()
+
+    def _validate_tuned_blocks(self) -> None:
+        """`vision_tuned_blocks`: an integer in [0, the tower's blocks], on an EfficientNet-Lite tower."""
+        value = self.vision_tuned_blocks
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"vision_tuned_blocks must be an integer >= 0, got {value!r}")
+        if value == 0:
+            return
+        tower_type = getattr(self.vision_config, "model_type", None)
+        if tower_type != "efficientnet_lite":
+            raise ValueError(
+                f"vision_tuned_blocks={value} needs an EfficientNet-Lite vision tower (stem, blocks, head), "
+                f"got {tower_type or 'precomputed regions'!r}"
+            )
+        blocks = sum(self.vision_config.stage_repeats())
+        if value > blocks:
+            raise ValueError(f"vision_tuned_blocks must be <= the tower's {blocks} blocks, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise, turning the tower configs into dicts with their `model_type`."""

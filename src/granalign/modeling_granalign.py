@@ -104,6 +104,15 @@ _POOLED_ONLY_LAYERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _check_pixels(pixel_values: torch.Tensor | None) -> None:
+    """Refuse missing, non-4D or non-finite pixel_values with a message naming what was expected."""
+    if pixel_values is None:
+        raise ValueError("this model has a vision tower: pass pixel_values [B, 3, H, W], not region_features")
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be [B, C, H, W], got {list(pixel_values.shape)}")
+    _check_finite(pixel_values, "pixel_values")
+
+
 def _drop_pooling_head(tower: nn.Module) -> nn.Module:
     """Remove the layers a tower applies only to its pooled output.
 
@@ -381,13 +390,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
                 region_mask, region_features.shape[:2], "region_mask", "image needs at least one region"
             )
             return region_features, region_mask, region_mask, None
-        if pixel_values is None:
-            raise ValueError(
-                "this model has a vision tower: pass pixel_values [B, 3, H, W], not region_features"
-            )
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be [B, C, H, W], got {list(pixel_values.shape)}")
-        _check_finite(pixel_values, "pixel_values")
+        _check_pixels(pixel_values)
         tower_output = self.vision_model(pixel_values=pixel_values, return_dict=True, **tower_kwargs)
         hidden = tower_output.last_hidden_state
         if isinstance(hidden, (list, tuple)):  # timm `features_only` backbones: the deepest feature map
@@ -400,10 +403,42 @@ class GranAlignModel(GranAlignPreTrainedModel):
         return (*self._tower_token_masks(hidden), tower_output)
 
     def vision_tower_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The vision tower's token outputs `[B, L_v, h]` (what a frozen tower's cache stores)."""
+        """The vision tower's token outputs `[B, L_v, h]` (what a frozen tower's cache stores); with
+        `config.vision_tuned_blocks` = N, the feature map before its last N blocks, as tokens `[B, H·W, C]`."""
         if self.vision_model is None:
             raise ValueError("this model takes precomputed region features; it has no vision tower to run")
-        return self._vision_tokens(pixel_values, None, None)[0]
+        tuned = self.config.vision_tuned_blocks
+        if not tuned:
+            return self._vision_tokens(pixel_values, None, None)[0]
+        _check_pixels(pixel_values)
+        hidden = self.vision_model.stem(pixel_values)
+        for block in self.vision_model.blocks[:-tuned]:
+            hidden = block(hidden)
+        return hidden.flatten(2).transpose(1, 2)
+
+    @property
+    def vision_tuned_modules(self) -> list[nn.Module]:
+        """The vision tower's part that runs after its cached states (`config.vision_tuned_blocks`)."""
+        tuned = self.config.vision_tuned_blocks
+        return [*self.vision_model.blocks[-tuned:], self.vision_model.head] if tuned else []
+
+    def _run_tuned_blocks(self, states: torch.Tensor) -> torch.Tensor:
+        """Cached states `[B, H·W, C]` (square grid) → the tower's last blocks and head → `[B, H'·W', h]`."""
+        first = self.vision_tuned_modules[0]
+        channels = (first.expand or first.depthwise).conv.in_channels
+        batch, length, width = states.shape
+        side = math.isqrt(length)
+        if width != channels or side * side != length:
+            raise ValueError(
+                f"vision_hidden_states must be the square feature map before the last "
+                f"{self.config.vision_tuned_blocks} tower blocks, [B, H*W, {channels}], got {list(states.shape)}"
+            )
+        hidden = (
+            states.transpose(1, 2).reshape(batch, width, side, side).to(first.depthwise.conv.weight.dtype)
+        )
+        for module in self.vision_tuned_modules:
+            hidden = module(hidden)
+        return hidden.flatten(2).transpose(1, 2)
 
     def text_tower_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text tower's token outputs `[B, L_t, h]` (what a frozen tower's cache stores)."""
@@ -452,6 +487,8 @@ class GranAlignModel(GranAlignPreTrainedModel):
                 raise ValueError(
                     f"vision_hidden_states must be [B, L_v, h], got {list(vision_hidden_states.shape)}"
                 )
+            if self.config.vision_tuned_blocks:
+                vision_hidden_states = self._run_tuned_blocks(vision_hidden_states)
             hidden, token_mask, spatial_mask = self._tower_token_masks(vision_hidden_states)
         else:
             hidden, token_mask, spatial_mask, tower_output = self._vision_tokens(

@@ -87,6 +87,9 @@ def configure_towers(model: GranAlignModel, recipe_model: Any) -> GranAlignModel
             raise _recipe_error(f"model.freeze_{key}_tower and model.{key}_lora exclude each other: pick one")
         if frozen:
             tower.requires_grad_(False).eval()
+            if key == "vision":  # the last blocks that run after the cache still train
+                for module in model.vision_tuned_modules:
+                    module.requires_grad_(True)
         if lora is not None:
             add_lora(tower, lora, f"model.{key}_lora")
     if getattr(recipe_model, "gradient_checkpointing", False):

@@ -116,6 +116,12 @@ def _check_optim(recipe: Recipe) -> None:
     if not o.lr > 0:
         raise _error(f"optim.lr must be > 0, got {o.lr!r}")
     _at_least("optim.backbone_lr_multiplier", o.backbone_lr_multiplier, 0.0)
+    tuned = recipe.model.grm.get("vision_tuned_blocks", 0)
+    if tuned and o.backbone_lr_multiplier == 0:  # the tuned blocks are tower weights: lr * 0 never moves them
+        raise _error(
+            f"model.grm.vision_tuned_blocks={tuned} trains tower blocks at lr * optim.backbone_lr_multiplier, "
+            "which is 0: set the multiplier > 0 (e.g. 0.1)"
+        )
     _at_least("optim.weight_decay", o.weight_decay, 0.0)
     for i, beta in enumerate(o.betas):
         if not 0.0 <= beta < 1.0:

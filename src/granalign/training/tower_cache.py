@@ -282,6 +282,9 @@ def cache_image_states(
     if len(split) == 0:
         raise ValueError("no images to cache")
     settings = processor.image_processor.to_dict()
+    # states that stop before tuned blocks are other states (the key is absent otherwise: old caches stay valid)
+    if model.config.vision_tuned_blocks:
+        settings["vision_tuned_blocks"] = model.config.vision_tuned_blocks
     store = _store(cache_dir, "image", _fingerprint("image", model.vision_model, settings, [], dtype))
     keys = image_keys(split)
     first_row = {key: row for row, key in reversed(list(enumerate(keys)))}
