@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument(
         "--label",
         help="name the trainer variants `<variant>[<label>]` in the rows (e.g. a run with --set changes), "
-        "so one table compares them with the unlabelled runs",
+        "so one table compares them with the unlabelled runs; the REAL_DATA line then reads the labelled runs",
     )
     parser.add_argument("--output-dir", default="runs/real_data")
     parser.add_argument(
@@ -259,9 +259,11 @@ def main() -> None:
     if len(names) > 1:
         print("\nPaired by split (test rSum):")
         print(paired_differences(rows))
-    grm_minutes = [row["wall_s"] / 60 for row in rows if row["variant"] == "full"]
+    # with --label L (running or summarising), the line reads the labelled runs: full[L], global_baseline[L]
+    grm, baseline = (f"{name}[{args.label}]" if args.label else name for name in ("full", "global_baseline"))
+    grm_minutes = [row["wall_s"] / 60 for row in rows if row["variant"] == grm]
     print(
-        f"REAL_DATA grm_rsum={_mean(rows, 'full'):.1f} global_rsum={_mean(rows, 'global_baseline'):.1f} "
+        f"REAL_DATA grm_rsum={_mean(rows, grm):.1f} global_rsum={_mean(rows, baseline):.1f} "
         f"simple_rsum={_mean(rows, 'simple_baseline'):.1f} "
         f"minutes_per_run={statistics.mean(grm_minutes) if grm_minutes else float('nan'):.2f}"
     )
