@@ -100,6 +100,12 @@ def _plan(shard: int, seed: int) -> dict[str, np.ndarray]:
                 background=background)  # fmt: skip
 
 
+def _combined(tables: dict) -> np.ndarray:
+    if "combined" not in tables:
+        tables["combined"] = np.concatenate([tables["concept"], tables["background"]])
+    return tables["combined"]
+
+
 def image_shard(
     shard: int, count: int, seed: int, tables: dict, only_tokens: int | None = None
 ) -> GranAlignImageOutput:
@@ -118,8 +124,11 @@ def image_shard(
             np.arange(TOKENS)[None].repeat(count, 0),
         )
     salient = plan["salient"][items, positions]
-    base = tables["background"][plan["background"][items, positions]]
-    base[salient] = tables["concept"][plan["token_concept"][items, positions][salient]]
+    # one gather from [concepts; backgrounds] (the same vectors as a background gather + salient overwrite)
+    source = np.where(
+        salient, plan["token_concept"][items, positions], CONCEPTS + plan["background"][items, positions]
+    )
+    base = _combined(tables)[source]
     tokens = _noisy(base, np.where(salient, 1.0, 1.5), rng)
     keep = keep[items, positions]
     regions = _noisy(tables["concept"][plan["concepts"][:, :REGIONS]], 0.5, rng)
@@ -195,7 +204,8 @@ def build(args: argparse.Namespace, gallery: int, model, queries, tables) -> dic
         index = TokenIndex.create(
             directory, model, dim=DIM, num_regions=REGIONS, codec=args.codec,
             first_stage_tokens=args.first_stage_tokens, rerank_tokens=args.rerank_tokens,
-            faiss_factory=args.factory, train_size=args.train_size,
+            faiss_factory=args.factory, train_size=args.train_size, centroids=args.centroids,
+            expected_items=gallery,
         )  # fmt: skip
     regions = (
         np.lib.format.open_memmap(regions_file, "w+", np.float16, (gallery, REGIONS, DIM))
@@ -305,7 +315,8 @@ def search_settings(args: argparse.Namespace) -> dict:
 
 
 def _with_centroids(index: TokenIndex, args: argparse.Namespace) -> TokenIndex:
-    """An index cached before centroid ids existed: read them from its FAISS lists (seconds)."""
+    """An index cached before centroid ids existed: read them from its FAISS lists (seconds); one cached
+    with another centroid quantizer than `--centroids` resolves to: re-assigned (`assign_centroids`)."""
     if args.mode == "centroids" and not index.has_centroids:
         tic = time.perf_counter()
         index.build_centroid_ids()
@@ -314,7 +325,28 @@ def _with_centroids(index: TokenIndex, args: argparse.Namespace) -> TokenIndex:
         tic = time.perf_counter()
         index.build_first_stage_codes()
         print(f"first-stage codes read from the store in {time.perf_counter() - tic:.1f} s", flush=True)
+    if args.mode == "centroids":
+        spec = _resolved_centroids(args, len(index))
+        if index.quantizer_spec != spec:
+            tic = time.perf_counter()
+            index.assign_centroids(spec)
+            print(f"centroid quantizer {spec} trained and assigned from the first-stage codes in "
+                  f"{time.perf_counter() - tic:.1f} s", flush=True)  # fmt: skip
     return index
+
+
+def _resolved_centroids(args: argparse.Namespace, gallery: int) -> str | None:
+    """What `--centroids` means for a gallery of this size and `--factory`."""
+    import faiss
+
+    from granalign.retrieval.multivector import resolve_centroids
+
+    probe = faiss.index_factory(DIM, args.factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        nlist = faiss.extract_index_ivf(probe).nlist
+    except RuntimeError:
+        nlist = None
+    return resolve_centroids(args.centroids, gallery, args.first_stage_tokens, nlist)
 
 
 def measure(args: argparse.Namespace, gallery: int) -> dict:
@@ -466,7 +498,9 @@ def first_stage_only(args: argparse.Namespace, gallery: int) -> dict:
     queries, targets = caption_queries(args.queries, gallery, args.seed, tables)
     centroids_only = args.mode == "centroids"  # the centroid first stage needs no token codes in FAISS
     prefix = "firststage-centroids-" if centroids_only else "firststage-"
-    directory = Path(args.cache).expanduser() / (prefix + _settings_name(args, gallery))
+    spec = _resolved_centroids(args, gallery) if centroids_only else None
+    suffix = "" if spec in (None, "ivf") else f"-{spec}"  # the IVF-quantizer build keeps its old name
+    directory = Path(args.cache).expanduser() / (prefix + _settings_name(args, gallery) + suffix)
     if centroids_only and args.refine:
         print("--first-stage-only stores no first-stage codes (16 GB at 1M): timing without --refine")
         args.refine = 0
@@ -477,27 +511,40 @@ def first_stage_only(args: argparse.Namespace, gallery: int) -> dict:
             directory, model, dim=DIM, num_regions=0, codec="int8", first_stage_tokens=args.first_stage_tokens,
             rerank_tokens=1, faiss_factory=args.factory, train_size=args.train_size,
             token_codes=not centroids_only, first_stage_codes=False,
+            centroids=spec if centroids_only else args.centroids, expected_items=gallery,
         )  # fmt: skip
-        seconds = 0.0
+        seconds = synthesis = 0.0
+        cpu = time.process_time()
         shards = (gallery + SHARD - 1) // SHARD
-        for shard in range(shards):
+        print(f"building {directory.name}: {shards} shards of {SHARD} images, centroids {spec}", flush=True)
+        for shard in range(shards):  # one shard's first-stage tokens in memory at a time
             count = min(SHARD, gallery - shard * SHARD)
+            tic = time.perf_counter()
             images = image_shard(shard, count, args.seed, tables, only_tokens=args.first_stage_tokens)
             vectors = images.tokens.reshape(-1, DIM).numpy()
             rows = np.repeat(np.arange(shard * SHARD, shard * SHARD + count), images.tokens.shape[1])
+            synthesis += time.perf_counter() - tic
             tic = time.perf_counter()
             if index.has_centroids:
                 index._append_centroid_counts(np.full(count, images.tokens.shape[1]))
             index._add_first_stage(np.ascontiguousarray(vectors), rows)  # the FAISS half of `add`
             seconds += time.perf_counter() - tic
-            if shard % 50 == 49:
-                print(f"  {shard + 1}/{shards} shards, {seconds:.0f} s in FAISS", flush=True)
+            if shard % 50 == 49 or shard == shards - 1:
+                print(f"  {shard + 1}/{shards} shards: synthesis {synthesis:.0f} s, train + assign + write "
+                      f"{seconds:.0f} s (wall), {time.process_time() - cpu:.0f} s CPU in all", flush=True)  # fmt: skip
         index._flush_pending()
         index.ids = [f"img{i}" for i in range(gallery)]
         tic = time.perf_counter()
         index.save()
         seconds += time.perf_counter() - tic
-        (directory / "bench.json").write_text(json.dumps({"build_seconds": seconds, **index.nbytes()}))
+        print(f"  saved (centroid lists) in {time.perf_counter() - tic:.0f} s; build CPU "
+              f"{time.process_time() - cpu:.0f} s", flush=True)  # fmt: skip
+        report = {
+            "build_seconds": seconds,
+            "synthesis_seconds": synthesis,
+            "build_cpu_seconds": time.process_time() - cpu,
+        }
+        (directory / "bench.json").write_text(json.dumps({**report, **index.nbytes()}))
         del index
     report = json.loads((directory / "bench.json").read_text())
     index = _open_first_stage(directory)
@@ -581,6 +628,8 @@ def _open_first_stage(directory: Path) -> TokenIndex:
 
     meta = json.loads((directory / "meta.json").read_text())
     index = TokenIndex(directory, meta, faiss.read_index(str(directory / "first_stage.faiss")))
+    if index.quantizer_spec not in (None, "ivf"):
+        index.centroid_quantizer = faiss.read_index(str(directory / "centroid_quantizer.faiss"))
     index.ids = [f"img{i}" for i in range(meta["num_items"])]
     return index
 
@@ -673,6 +722,11 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--centroid-nprobe", type=int, default=2, help="centroids probed per caption token")
     parser.add_argument(
+        "--centroids", default="ivf",
+        help="centroid quantizer: auto (PLAID's cell count for the gallery: IMI2x<b> above the IVF's nlist), "
+        "ivf (the --factory's IVF quantizer, nlist fixed) or IMI2x<b> (4^b cells)",
+    )  # fmt: skip
+    parser.add_argument(
         "--ndocs", type=int, default=256, help="candidates scored by full centroid interaction"
     )
     parser.add_argument(
@@ -698,6 +752,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default="~/.cache/granalign/search_scale")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:  # numpy's BLAS too: its default thread pool spins on a loaded machine (19 -> 4 ms CPU per query)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads)
+    except ImportError:
+        print("threadpoolctl not installed: numpy's BLAS threads are not limited (set OPENBLAS_NUM_THREADS)")
     if not args.no_malloc_tuning:
         _tune_malloc()
     import faiss

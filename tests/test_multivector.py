@@ -535,5 +535,178 @@ def test_two_process_build_equals_one_process(tmp_path):
     assert np.array_equal(single.faiss_index.search(vectors, 5)[1], two.faiss_index.search(vectors, 5)[1])
 
 
+# ------------------------------------------------------------------ the inverted multi-index quantizer
+
+
+def _imi_cells(index, vectors):
+    """Reference: FAISS's own multi-index assignment, and each cell's centroid `[nlist, d]` (the two
+    half-centroids side by side, FAISS's id = a + ksub * b)."""
+    quantizer = index.centroid_quantizer
+    ksub, dsub = int(quantizer.pq.ksub), int(quantizer.pq.dsub)
+    books = faiss.vector_to_array(quantizer.pq.centroids).reshape(2, ksub, dsub)
+    cells = np.array([np.concatenate([books[0][c % ksub], books[1][c // ksub]]) for c in range(ksub * ksub)])
+    return quantizer.search(np.ascontiguousarray(vectors), 1)[1][:, 0], cells
+
+
+def _imi_index(path, model, images, limit=3, bits=2, **kwargs):
+    index = _create(path, model, images, faiss_factory="Flat", first_stage_tokens=limit, centroids=f"IMI2x{bits}",
+                    **kwargs)  # fmt: skip
+    return index.add(images, _ids(0, NUM_IMAGES)).save()
+
+
+def test_multi_index_assignment_and_cell_cosines_equal_faiss_and_brute_force(encoded, tmp_path):
+    model, images, texts = encoded
+    index = _imi_index(tmp_path / "i", model, images)
+    assert index.quantizer_spec == "IMI2x2" and index.default_mode == "centroids"
+    items, positions = select_tokens(images.token_mask, images.keep_weights, 3)
+    vectors = F.normalize(images.tokens[items, positions].float(), dim=-1).numpy()
+    assigned, cells = _imi_cells(index, vectors)
+    stored = np.fromfile(index.path / "centroids.bin", dtype=np.uint16)
+    np.testing.assert_array_equal(stored, assigned)  # `add` stores FAISS's nearest cell of each token
+    np.testing.assert_array_equal(index._assign(vectors), assigned)
+    queries, _, _ = first_stage_query_tokens(texts, model.config)
+    expected = queries @ (cells / np.linalg.norm(cells, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(index._centroid_cosines(queries), expected, atol=1e-5)
+
+
+def test_multi_index_centroid_interaction_equals_the_dense_reference(encoded, tmp_path):
+    model, images, texts = encoded
+    index = _imi_index(tmp_path / "i", model, images)
+    scores, rows = index.first_stage(texts, config=model.config, refine=0, **_centroid_everything(index, 16))
+    items, positions = select_tokens(images.token_mask, images.keep_weights, 3)
+    assigned, cells = _imi_cells(index, F.normalize(images.tokens[items, positions].float(), dim=-1).numpy())
+    centroids = F.normalize(torch.from_numpy(cells).double(), dim=-1)
+    per_image = [sorted(set(assigned[items.numpy() == n].tolist())) for n in range(NUM_IMAGES)]
+    original, key = model.config.effective_level_weights[:2]
+    slope = model.config.similarity_negative_slope
+    for q in range(texts.tokens.shape[0]):
+        real = texts.token_mask[q].bool()
+        query = F.normalize(texts.tokens[q][real].double(), dim=-1)
+        weight = original + key * texts.keep_weights[q][real].double()
+        cosines = F.leaky_relu(query @ centroids.t(), slope)  # [T, nlist]
+        expected = torch.stack([(weight * cosines[:, c].amax(1)).sum() / weight.sum() for c in per_image])
+        assert sorted(rows[q].tolist()) == list(range(NUM_IMAGES))
+        torch.testing.assert_close(scores[q].double(), expected[rows[q]], atol=1e-5, rtol=1e-5)
+
+
+def test_multi_index_candidates_are_the_images_of_the_probed_cells(encoded, tmp_path):
+    model, images, texts = encoded
+    index = _imi_index(tmp_path / "i", model, images, limit=2)
+    _, rows = index.first_stage(
+        texts, config=model.config, mode="centroids", nprobe=1, ndocs=NUM_IMAGES, candidates=NUM_IMAGES
+    )
+    items, positions = select_tokens(images.token_mask, images.keep_weights, 2)
+    assigned, _ = _imi_cells(index, F.normalize(images.tokens[items, positions].float(), dim=-1).numpy())
+    per_image = [set(assigned[items.numpy() == n].tolist()) for n in range(NUM_IMAGES)]
+    vectors, token_query, _ = first_stage_query_tokens(texts, model.config)
+    probed = index.centroid_quantizer.search(vectors, 1)[1][:, 0]  # FAISS's nearest cell (L2)
+    for q in range(texts.tokens.shape[0]):
+        lists = set(probed[token_query == q].tolist())
+        expected = {n for n, cs in enumerate(per_image) if lists & cs}
+        assert set(rows[q][rows[q] >= 0].tolist()) == expected
+
+
+def test_multi_index_probes_are_faiss_nearest_cells(encoded, tmp_path):
+    model, images, texts = encoded
+    index = _imi_index(tmp_path / "i", model, images, bits=3)
+    vectors, _, _ = first_stage_query_tokens(texts, model.config)
+    multi = index._multi()
+    halves = multi.half_scores(vectors)
+    for nprobe in (1, 3, 10, 64):
+        expected = index.centroid_quantizer.search(vectors, nprobe)[1]
+        got = multi.probe(halves, nprobe)
+        assert [set(row) for row in got.tolist()] == [set(row) for row in expected.tolist()], nprobe
+    cells = np.array([0, 5, 63, 9])
+    np.testing.assert_allclose(multi.cell_cosines(halves, cells), multi.cosines(vectors)[:, cells], atol=1e-6)
+
+
+def test_multi_index_with_exhaustive_settings_gives_the_exhaustive_ranking(encoded, tmp_path):
+    model, images, texts = encoded
+    _imi_index(tmp_path / "i", model, images, limit=None, token_codes=False)
+    index = TokenIndex.open(tmp_path / "i", model=model)  # the quantizer is read back from disk
+    assert index.faiss_index.ntotal == 0 and index.quantizer_spec == "IMI2x2"
+    result = index.search(model, texts, k=6, refine=NUM_IMAGES, **_centroid_everything(index, 16))
+    scores, rows = exhaustive_topk(model, images, texts, k=6)
+    assert torch.equal(result.indices, rows)
+    torch.testing.assert_close(result.scores, scores, atol=1e-4, rtol=1e-4)
+
+
+def test_multi_index_shards_merge_and_reassignment(encoded, tmp_path):
+    model, images, texts = encoded
+    settings = dict(faiss_factory="IVF3,Flat", first_stage_tokens=3, centroids="IMI2x2")
+    one = _create(tmp_path / "one", model, images, **settings)
+    one.train_first_stage(images)
+    one.write_trained(tmp_path / "trained.faiss")
+    assert (tmp_path / "trained.faiss.centroids.faiss").is_file()
+    one.add(images, _ids(0, NUM_IMAGES)).save()
+    shards = []
+    for shard, rows in enumerate((range(0, 7), range(7, NUM_IMAGES))):
+        part = _create(tmp_path / f"s{shard}", model, images, trained=tmp_path / "trained.faiss", **settings)
+        part.add(_rows(images, slice(rows.start, rows.stop)), _ids(rows.start, rows.stop)).save()
+        shards.append(part.path)
+    merged = merge_token_indices(shards, tmp_path / "merged")
+    for name in _CENTROID_NAMES:
+        assert (one.path / f"{name}.bin").read_bytes() == (merged.path / f"{name}.bin").read_bytes(), name
+    other = _create(tmp_path / "other", model, images, **settings)  # trained on its own sample: differs
+    other.add(_rows(images, slice(0, 5)), _ids(20, 25)).save()
+    with pytest.raises(ValueError, match="centroid quantizers differ"):
+        merge_token_indices([shards[0], other.path], tmp_path / "bad")
+    # an IVF-quantizer index re-assigned to a multi-index (from its float32 first-stage codes), and back
+    ivf = _create(tmp_path / "ivf", model, images, faiss_factory="IVF3,Flat", first_stage_tokens=3)
+    ivf.add(images, _ids(0, NUM_IMAGES)).save()
+    lists = (ivf.path / "centroid_lists.bin").read_bytes()
+    ivf.assign_centroids("IMI2x2")
+    again = TokenIndex.open(ivf.path)
+    assert again.quantizer_spec == "IMI2x2"
+    codes = np.fromfile(ivf.path / "first_stage_codes.bin", dtype=np.float32).reshape(
+        -1, images.tokens.shape[-1]
+    )
+    assigned, _ = _imi_cells(again, codes / np.linalg.norm(codes, axis=1, keepdims=True))
+    np.testing.assert_array_equal(np.fromfile(ivf.path / "centroids.bin", dtype=np.uint16), assigned)
+    again.first_stage(texts, config=model.config, mode="centroids", nprobe=2, ndocs=6, candidates=4)
+    again.assign_centroids("ivf")
+    back = TokenIndex.open(ivf.path)
+    assert back.quantizer_spec == "ivf" and not (ivf.path / "centroid_quantizer.faiss").exists()
+    assert (ivf.path / "centroid_lists.bin").read_bytes() == lists
+
+
+def test_centroid_quantizer_options_are_resolved_or_refused(encoded, tmp_path):
+    from granalign.retrieval.multivector import plaid_nlist, resolve_centroids
+
+    model, images, _ = encoded
+    assert plaid_nlist(32_000_000) == 65536 and plaid_nlist(3_200_000) == 16384
+    assert resolve_centroids("auto", 1_000_000, 32, 1024) == "IMI2x8"
+    assert resolve_centroids("auto", 100_000, 32, 1024) == "IMI2x7"
+    assert resolve_centroids("auto", 1_000, 32, 1024) == "ivf"  # PLAID's count is below the IVF's nlist
+    assert resolve_centroids("auto", None, 32, 1024) == "ivf"  # no size given: as before the option
+    assert resolve_centroids("auto", None, 32, None) is None
+    assert resolve_centroids("auto", 10**9, None, None) == "IMI2x8"  # capped: uint16 cell ids
+    for bad in ("IMI2x9", "IMI2x0", "IMI3x4", "imi2x8", "flat"):
+        with pytest.raises(ValueError, match=f"unknown centroid quantizer '{bad}'"):
+            _create(tmp_path / bad, model, images, centroids=bad)
+    with pytest.raises(ValueError, match="expected_items must be >= 1 or None, got 0"):
+        _create(tmp_path / "zero", model, images, expected_items=0)
+    with pytest.raises(ValueError, match="centroids='ivf' needs an IVF faiss_factory"):
+        _create(tmp_path / "flat-ivf", model, images, centroids="ivf")
+    few = _create(tmp_path / "few", model, images, centroids="IMI2x4", first_stage_tokens=1, train_size=4)
+    with pytest.raises(ValueError, match="'IMI2x4' needs at least 16 first-stage vectors"):
+        few.add(_rows(images, slice(0, 5)), _ids(0, 5))
+    with pytest.raises(ValueError, match="dim must be even, got 7"):
+        TokenIndex.create(
+            tmp_path / "odd", fingerprint="x", dim=7, num_regions=0, faiss_factory="Flat", centroids="IMI2x2"
+        )
+    bare = _create(tmp_path / "bare", model, images, faiss_factory="IVF2,Flat", first_stage_codes=False)
+    bare.add(images, _ids(0, NUM_IMAGES)).save()
+    with pytest.raises(ValueError, match="run build_first_stage_codes\\(\\) first"):
+        bare.assign_centroids("IMI2x2")
+    with pytest.raises(ValueError, match="centroids='ivf' needs an IVF faiss_factory"):
+        _imi_index(tmp_path / "flat", model, images).assign_centroids("ivf")
+    centroids_only = _create(tmp_path / "co", model, images, faiss_factory="IVF2,Flat", centroids="IMI2x2",
+                             token_codes=False)  # fmt: skip
+    centroids_only.add(images, _ids(0, NUM_IMAGES)).save()
+    with pytest.raises(ValueError, match="reads the cells from the FAISS IVF lists"):
+        centroids_only.assign_centroids("ivf")
+
+
 if __name__ == "__main__":  # one process of test_two_process_build_equals_one_process
     _distributed_build(sys.argv[1])

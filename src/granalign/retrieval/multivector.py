@@ -42,6 +42,18 @@ query scores its tokens against all centroids (one `[T, nlist]` matmul, cosines)
 Its cost grows with the probed lists (about `T · nprobe · N · tokens per image / nlist` rows), not with a
 `token_k` that must cover every image sharing a concept.
 
+**The coarse quantizer** (`create(centroids=...)`, `resolve_centroids`): "ivf", the IVF factory's own
+quantizer (`nlist` fixed by the factory: lists grow linearly with N), or "IMI2x<b>", a FAISS inverted
+multi-index (`MultiIndexQuantizer`: two half-codebooks of 2^b centroids, 4^b cells; `centroid_quantizer.faiss`)
+trained on the same sample. Its cells are assigned by FAISS's rule (nearest half-centroid in each half: two
+small BLAS matmuls, cheaper than 1,024 flat centroids at 65,536 cells); a query token's cell scores come from
+its two `[2^b]` half-scores: the `nprobe` nearest cells from the `nprobe²` pairs of each half's best, and
+the cosines of the probed cells and of the candidates' cells only (no `[T, 4^b]` table). "auto" (the
+default) picks PLAID's cell count for `expected_items` (`plaid_nlist`: `2^floor(log2(16 √(N · tokens)))`,
+65,536 at 1M × 32 tokens) when it exceeds the IVF's `nlist`, and "ivf" without `expected_items` (the
+behaviour of indices built before the option; their meta has no `centroid_quantizer` and reads as "ivf").
+`assign_centroids` switches a saved index between the two (from its first-stage codes, or the FAISS lists).
+
 The top `candidates` images of the first stage are re-ranked by the exact GRM score
 (`rerank.pair_scores`, the one scoring kernel) on the stored tokens. With ``float32`` storage of every
 token and exhaustive first-stage parameters the result is the exhaustive ranking.
@@ -63,6 +75,7 @@ Layout of the directory:
 | `centroids.bin`, `centroid_counts.bin` | IVF centroid of each first-stage token `[T_fs]` (uint16 / int32), first-stage tokens per image `[N]` (int32) |
 | `centroid_lists.bin`, `centroid_offsets.bin` | derived: image rows of each centroid, unique and ascending `[E]` (int32), CSR offsets `[nlist + 1]` (int64) |
 | `first_stage_codes.bin` | the first-stage tokens `[T_fs, d]` (codec), for `refine` (absent with `first_stage_codes=False`) |
+| `centroid_quantizer.faiss` | the multi-index of an "IMI2x<b>" centroid first stage (absent with "ivf") |
 """
 
 from __future__ import annotations
@@ -107,6 +120,11 @@ DEFAULT_REFINE = 64  # centroid-interaction candidates refined on their first-st
 _CENTROID_FILES = ("centroids.bin", "centroid_counts.bin")
 _LIST_FILES = ("centroid_lists.bin", "centroid_offsets.bin")
 _FS_CODES_FILE = "first_stage_codes.bin"
+_QUANTIZER_FILE = "centroid_quantizer.faiss"
+#: the coarse quantizers of the centroid first stage (`TokenIndex.create(centroids=...)`): the IVF index's own
+#: quantizer, or a FAISS inverted multi-index of `2^b × 2^b` cells ("IMI2x<b>", b in 1..8: uint16 ids)
+CENTROID_QUANTIZERS = ("auto", "ivf", "IMI2x<b>")
+_AUTO_TOKENS = 32  # first-stage tokens per image assumed by centroids="auto" when first_stage_tokens is None
 
 
 def _faiss() -> Any:
@@ -134,6 +152,148 @@ def _top_level_ivf(index: Any) -> Any:
     if isinstance(index, faiss.IndexIDMap):
         return None
     return index if isinstance(index, faiss.IndexIVF) else None
+
+
+def plaid_nlist(num_embeddings: int) -> int:
+    """PLAID's centroid count for a collection of `num_embeddings` token vectors:
+    `2^floor(log2(16 · sqrt(num_embeddings)))` (Santhanam et al. 2022; 65,536 at 32M tokens)."""
+    if num_embeddings < 1:
+        raise ValueError(f"num_embeddings must be >= 1, got {num_embeddings}")
+    return 2 ** int(np.floor(np.log2(16 * np.sqrt(num_embeddings))))
+
+
+def _imi_bits(spec: str) -> int | None:
+    """b of an "IMI2x<b>" spec (None for anything else)."""
+    if not spec.startswith("IMI2x") or not spec[5:].isdigit():
+        return None
+    return int(spec[5:])
+
+
+def resolve_centroids(
+    centroids: str, expected_items: int | None, first_stage_tokens: int | None, ivf_nlist: int | None
+) -> str | None:
+    """The coarse quantizer a `TokenIndex.create(centroids=...)` call uses: "ivf", "IMI2x<b>" or None (no
+    centroid first stage: a non-IVF factory with "auto").
+
+    "auto": without `expected_items`, the IVF quantizer (as before this option existed); with it, the
+    inverted multi-index closest below PLAID's `plaid_nlist(expected_items · first_stage_tokens)` cells
+    (`IMI2x<b>`, `4^b` cells, b <= 8) where that has more cells than the IVF's `ivf_nlist`, else the IVF.
+    """
+    if centroids == "auto":
+        if expected_items is not None and expected_items < 1:
+            raise ValueError(f"expected_items must be >= 1 or None, got {expected_items}")
+        if expected_items is None:
+            return "ivf" if ivf_nlist is not None else None
+        tokens = expected_items * (first_stage_tokens or _AUTO_TOKENS)
+        bits = min(8, int(np.log2(plaid_nlist(tokens))) // 2)
+        if ivf_nlist is not None and 4**bits <= ivf_nlist:
+            return "ivf"
+        return f"IMI2x{bits}" if bits >= 1 else ("ivf" if ivf_nlist is not None else None)
+    if centroids == "ivf":
+        if ivf_nlist is None:
+            raise ValueError("centroids='ivf' needs an IVF faiss_factory (e.g. 'IVF1024,Flat')")
+        return "ivf"
+    bits = _imi_bits(centroids)
+    if bits is None or not 1 <= bits <= 8:
+        raise ValueError(
+            f"unknown centroid quantizer {centroids!r}; expected 'auto', 'ivf' or 'IMI2x<b>' with b in 1..8 "
+            "(4^b cells, e.g. 'IMI2x8': 65,536)"
+        )
+    return centroids
+
+
+class _MultiIndex:
+    """A trained FAISS `MultiIndexQuantizer` (2 half-codebooks of `ksub` centroids) as the centroid first
+    stage uses it: cell id `a + ksub · b` (FAISS's numbering) for half-centroids `a` (first d/2
+    dimensions) and `b` (last d/2), cell centroid `[C0[a], C1[b]]`.
+
+    `assign` is FAISS's rule (nearest cell in L2 = nearest half-centroid in each half, two BLAS matmuls);
+    `cosines` the cosine of each vector with every cell centroid from two `[T, ksub]` half-scores:
+    `(x0 · C0[a] + x1 · C1[b]) / |[C0[a], C1[b]]|`."""
+
+    def __init__(self, quantizer: Any) -> None:
+        faiss = _faiss()
+        self.quantizer = quantizer
+        pq = quantizer.pq
+        self.ksub, self.dsub = int(pq.ksub), int(pq.dsub)
+        books = faiss.vector_to_array(pq.centroids).reshape(2, self.ksub, self.dsub).astype(np.float32)
+        self.books = books
+        self.half_norms = np.einsum("mkd,mkd->mk", books, books)  # [2, ksub] squared norms
+        norms = self.half_norms[1][:, None] + self.half_norms[0][None, :]  # [b, a]
+        self.inverse_norms = (1.0 / np.sqrt(norms.clip(1e-24))).reshape(-1).astype(np.float32)
+        self.nlist = self.ksub * self.ksub
+
+    def assign(self, vectors: np.ndarray) -> np.ndarray:
+        halves = []
+        for m in range(2):
+            part = vectors[:, m * self.dsub : (m + 1) * self.dsub]
+            halves.append(np.argmax(part @ self.books[m].T - 0.5 * self.half_norms[m], axis=1))
+        return halves[0] + self.ksub * halves[1]
+
+    def half_scores(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`[T, ksub]` inner products of each half of `vectors` with its half-codebook."""
+        return vectors[:, : self.dsub] @ self.books[0].T, vectors[:, self.dsub :] @ self.books[1].T
+
+    def cosines(self, vectors: np.ndarray) -> np.ndarray:
+        """`[T, nlist]` (materialised: tests and small indices; the search uses `probe` / `cell_cosines`)."""
+        first, second = self.half_scores(vectors)
+        scores = (second[:, :, None] + first[:, None, :]).reshape(vectors.shape[0], self.nlist)
+        scores *= self.inverse_norms
+        return scores
+
+    def cell_cosines(self, halves: tuple[np.ndarray, np.ndarray], cells: np.ndarray) -> np.ndarray:
+        """`[T, M]` cosines with the cells `[M]`, from the half-scores (no `[T, nlist]` table)."""
+        cells = np.asarray(cells, dtype=np.int64)
+        first, second = halves
+        return (first[:, cells % self.ksub] + second[:, cells // self.ksub]) * self.inverse_norms[cells]
+
+    def own_cosines(self, halves: tuple[np.ndarray, np.ndarray], cells: np.ndarray) -> np.ndarray:
+        """`[T, k]` the cosine of each vector with its own cells `[T, k]`."""
+        first, second = halves
+        return (
+            np.take_along_axis(first, cells % self.ksub, 1)
+            + np.take_along_axis(second, cells // self.ksub, 1)
+        ) * self.inverse_norms[cells]
+
+    def probe(self, halves: tuple[np.ndarray, np.ndarray], nprobe: int) -> np.ndarray:
+        """`[T, nprobe]` the `nprobe` nearest cells (L2, FAISS's rule: `assign`'s, and what
+        `MultiIndexQuantizer.search` returns) of each vector: the best sums of the two halves' criteria
+        lie among the pairs of each half's `nprobe` best, so only `nprobe²` pairs are ranked."""
+        picks = []
+        for m, scores in enumerate(halves):
+            criterion = scores - 0.5 * self.half_norms[m]
+            width = min(nprobe, self.ksub)
+            best = np.argpartition(-criterion, width - 1, axis=1)[:, :width]
+            picks.append((best, np.take_along_axis(criterion, best, 1)))
+        (a, va), (b, vb) = picks
+        total = (va[:, :, None] + vb[:, None, :]).reshape(a.shape[0], -1)
+        cells = (a[:, :, None] + self.ksub * b[:, None, :]).reshape(a.shape[0], -1)
+        nprobe = min(nprobe, total.shape[1])
+        chosen = np.argpartition(-total, nprobe - 1, axis=1)[:, :nprobe]
+        return np.take_along_axis(cells, chosen, 1)
+
+
+def _new_multi_index(dim: int, spec: str) -> Any:
+    if dim % 2:
+        raise ValueError(
+            f"an inverted multi-index ({spec!r}) splits vectors in halves: dim must be even, got {dim}"
+        )
+    return _faiss().MultiIndexQuantizer(dim, 2, _imi_bits(spec))
+
+
+def _train_multi_index(quantizer: Any, vectors: np.ndarray, spec: str) -> None:
+    cells = int(quantizer.pq.ksub)
+    if vectors.shape[0] < cells:
+        raise ValueError(
+            f"training the centroid quantizer {spec!r} needs at least {cells} first-stage vectors (its "
+            f"half-codebooks' size), got {vectors.shape[0]}: use a smaller 'IMI2x<b>' or more images"
+        )
+    quantizer.train(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def _trained_quantizer_file(trained: str | os.PathLike) -> Path:
+    """Where `write_trained` puts the trained centroid quantizer of a non-IVF centroid first stage."""
+    return Path(f"{trained}.centroids.faiss")
 
 
 # ------------------------------------------------------------------ codecs and token selection
@@ -459,6 +619,9 @@ class TokenIndex:
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # FAISS training buffer (vectors, rows)
         self._pending_count = 0
         self._centroid_cache: dict[str, np.ndarray] | None = None
+        #: the FAISS MultiIndexQuantizer of an "IMI2x<b>" centroid first stage (None: the IVF's quantizer)
+        self.centroid_quantizer: Any = None
+        self._multi_cache: _MultiIndex | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -479,6 +642,8 @@ class TokenIndex:
         fingerprint: str | None = None,
         token_codes: bool = True,
         first_stage_codes: bool = True,
+        centroids: str = "auto",
+        expected_items: int | None = None,
     ) -> TokenIndex:
         """A new, empty index directory at `path` (which must not hold an index).
 
@@ -494,11 +659,17 @@ class TokenIndex:
             token_codes: add the first-stage vectors to FAISS (needed by `mode="tokens"`); False keeps
                 FAISS as the (trained) coarse quantizer only, for a centroid-only first stage (an IVF
                 factory is then required).
-            first_stage_codes: with an IVF first stage, also store the first-stage tokens in `codec`
+            first_stage_codes: with a centroid first stage, also store the first-stage tokens in `codec`
                 (d bytes per token in int8), which `refine` scores exactly.
+            centroids: the coarse quantizer of the centroid first stage (`mode="centroids"`): "ivf" (the
+                IVF factory's own quantizer: `nlist` fixed by the factory), "IMI2x<b>" (a FAISS inverted
+                multi-index of 4^b cells from two 2^b-centroid half-codebooks, trained on the same sample;
+                any factory; cheap to train and assign at 65,536 cells) or "auto" (`resolve_centroids`:
+                with `expected_items`, PLAID's cell count for the gallery, `plaid_nlist`; without it,
+                "ivf" for an IVF factory, else no centroid first stage).
+            expected_items: the gallery size the index is built for (only "auto" reads it).
 
-        An IVF first stage (a factory starting with ``IVF``) also stores every first-stage token's coarse
-        centroid, for `mode="centroids"`.
+        A centroid first stage stores every first-stage token's cell, for `mode="centroids"`.
         """
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS}")
@@ -516,11 +687,28 @@ class TokenIndex:
         if index.ntotal:
             raise ValueError("a trained starting index must be empty")
         ivf = _top_level_ivf(index)
-        if not token_codes and ivf is None:
+        quantizer = resolve_centroids(
+            centroids, expected_items, first_stage_tokens, None if ivf is None else ivf.nlist
+        )
+        if not token_codes and quantizer is None:
             raise ValueError(
                 f"token_codes=False keeps only the coarse centroids, which needs an IVF faiss_factory "
-                f"(e.g. 'IVF1024,Flat'), got {faiss_factory!r}"
+                f"(e.g. 'IVF1024,Flat') or centroids='IMI2x<b>', got {faiss_factory!r}"
             )
+        multi = None
+        if quantizer not in (None, "ivf"):
+            if trained is not None:
+                file = _trained_quantizer_file(trained)
+                if not file.is_file():
+                    raise FileNotFoundError(f"the trained start has no centroid quantizer {str(file)!r}")
+                multi = faiss.read_index(str(file))
+                if int(multi.pq.ksub) ** 2 != 4 ** _imi_bits(quantizer):
+                    raise ValueError(f"the trained centroid quantizer {str(file)!r} is not {quantizer!r}")
+            else:
+                multi = _new_multi_index(dim, quantizer)
+        nlist = (
+            None if quantizer is None else (ivf.nlist if quantizer == "ivf" else 4 ** _imi_bits(quantizer))
+        )
         meta = {
             "format": TOKEN_INDEX_FORMAT,
             "version": TOKEN_INDEX_VERSION,
@@ -536,12 +724,14 @@ class TokenIndex:
             "train_size": int(train_size),
             "num_items": 0,
             "token_codes": bool(token_codes),
-            "centroid_dtype": None if ivf is None else ("uint16" if ivf.nlist <= 65536 else "int32"),
+            "centroid_dtype": None if nlist is None else ("uint16" if nlist <= 65536 else "int32"),
+            "centroid_quantizer": quantizer,
             "centroid_lists_items": -1,
-            "first_stage_codes": bool(first_stage_codes) and ivf is not None,
+            "first_stage_codes": bool(first_stage_codes) and quantizer is not None,
         }
         (path / "ids.txt").write_text("")
         result = cls(path, meta, index)
+        result.centroid_quantizer = multi
         result.save()  # an empty index on disk can be opened and appended to
         return result
 
@@ -560,6 +750,8 @@ class TokenIndex:
         faiss = _faiss()
         index = faiss.read_index(str(path / _FAISS_FILE))
         result = cls(path, meta, index)
+        if result.quantizer_spec not in (None, "ivf"):
+            result.centroid_quantizer = faiss.read_index(str(path / _QUANTIZER_FILE))
         result.ids = (path / "ids.txt").read_text().splitlines()
         result._id_set = set(result.ids)
         if len(result.ids) != meta["num_items"] or len(result.store) != meta["num_items"]:
@@ -644,8 +836,48 @@ class TokenIndex:
         self.meta["num_items"] = len(self.ids)
         return self
 
+    @property
+    def quantizer_spec(self) -> str | None:
+        """The centroid first stage's quantizer: "ivf", "IMI2x<b>" or None (indices from before the
+        option: "ivf" where they store centroid ids)."""
+        if self.meta.get("centroid_dtype") is None:
+            return None
+        return self.meta.get("centroid_quantizer") or "ivf"
+
+    def _faiss_needs_training(self) -> bool:
+        """Whether the FAISS index is used (token codes, or its quantizer gives the centroids) and untrained."""
+        used = self.meta.get("token_codes", True) or self.quantizer_spec == "ivf"
+        return used and not self.faiss_index.is_trained
+
+    def _is_trained(self) -> bool:
+        multi = self.centroid_quantizer
+        return not self._faiss_needs_training() and (multi is None or multi.is_trained)
+
+    def _train(self, vectors: np.ndarray) -> None:
+        if self._faiss_needs_training():
+            self.faiss_index.train(vectors)
+        if self.centroid_quantizer is not None and not self.centroid_quantizer.is_trained:
+            _train_multi_index(self.centroid_quantizer, vectors, self.quantizer_spec)
+            self._multi_cache = None
+
+    def _assign(self, vectors: np.ndarray) -> np.ndarray:
+        """The centroid first stage's cell of each unit first-stage vector `[T, d]`."""
+        if self.centroid_quantizer is not None:
+            return self._multi().assign(vectors)
+        return _top_level_ivf(self.faiss_index).quantizer.assign(vectors, 1)[:, 0]
+
+    def _multi(self) -> _MultiIndex:
+        if self._multi_cache is None or self._multi_cache.quantizer is not self.centroid_quantizer:
+            self._multi_cache = _MultiIndex(self.centroid_quantizer)
+        return self._multi_cache
+
+    def _nlist(self) -> int:
+        if self.centroid_quantizer is not None:
+            return int(self.centroid_quantizer.pq.ksub) ** 2
+        return int(_top_level_ivf(self.faiss_index).nlist)
+
     def _add_first_stage(self, vectors: np.ndarray, rows: np.ndarray) -> None:
-        if self.faiss_index.is_trained and not self._pending:
+        if self._is_trained() and not self._pending:
             self._add_trained(vectors, rows)
             return
         self._pending.append((vectors, rows))
@@ -658,8 +890,8 @@ class TokenIndex:
             return
         vectors = np.concatenate([v for v, _ in self._pending])
         rows = np.concatenate([r for _, r in self._pending])
-        if not self.faiss_index.is_trained:
-            self.faiss_index.train(vectors[: self.meta["train_size"]])
+        if not self._is_trained():
+            self._train(vectors[: self.meta["train_size"]])
         self._add_trained(vectors, rows)
         self._pending, self._pending_count = [], 0
 
@@ -668,7 +900,7 @@ class TokenIndex:
         if self.meta.get("token_codes", True):
             self.faiss_index.add_with_ids(vectors, rows)
         if self.has_centroids:
-            assigned = _top_level_ivf(self.faiss_index).quantizer.assign(vectors, 1)[:, 0]
+            assigned = self._assign(vectors)
             with open(self.path / _CENTROID_FILES[0], "ab") as handle:
                 handle.write(assigned.astype(self.meta["centroid_dtype"]).tobytes())
         self._centroid_cache = None
@@ -684,19 +916,24 @@ class TokenIndex:
         items, positions = select_tokens(
             sample.token_mask, sample.keep_weights, self.meta["first_stage_tokens"]
         )
-        self.faiss_index.train(_unit(sample.tokens[items, positions]))
+        self._train(_unit(sample.tokens[items, positions]))
 
     def write_trained(self, file: str | os.PathLike) -> None:
-        """Write the trained, still empty FAISS index (the shared start of sharded builds)."""
-        if self.faiss_index.ntotal:
+        """Write the trained, still empty FAISS index (the shared start of sharded builds), and a
+        multi-index centroid quantizer next to it (`<file>.centroids.faiss`)."""
+        if self.faiss_index.ntotal or len(self):
             raise ValueError("write_trained needs an empty, trained index")
         _faiss().write_index(self.faiss_index, str(file))
+        if self.centroid_quantizer is not None:
+            _faiss().write_index(self.centroid_quantizer, str(_trained_quantizer_file(file)))
 
     def save(self) -> TokenIndex:
         """Train on what is buffered if needed (a gallery smaller than `train_size`), write FAISS, the
         centroid lists and meta."""
         self._flush_pending()
         _faiss().write_index(self.faiss_index, str(self.path / _FAISS_FILE))
+        if self.centroid_quantizer is not None:
+            _faiss().write_index(self.centroid_quantizer, str(self.path / _QUANTIZER_FILE))
         if self.has_centroids:
             self._write_centroid_lists()
         self._write_meta()
@@ -737,7 +974,7 @@ class TokenIndex:
                 f"{str(self.path)!r} is damaged: {counts.shape[0]} centroid counts summing to "
                 f"{int(counts.sum(dtype=np.int64))} for {len(self.ids)} images and {centroids.shape[0]} ids"
             )
-        nlist = _top_level_ivf(self.faiss_index).nlist
+        nlist = self._nlist()
         rows = np.repeat(np.arange(len(self.ids), dtype=np.int64), np.asarray(counts, dtype=np.int64))
         keys = np.unique(np.asarray(centroids, dtype=np.int64) * max(len(self.ids), 1) + rows)
         lists = (keys % max(len(self.ids), 1)).astype(np.int32)
@@ -757,7 +994,7 @@ class TokenIndex:
         if self.has_centroids:
             return self
         ivf = _top_level_ivf(self.faiss_index)
-        if ivf is None or not self.faiss_index.ntotal:
+        if ivf is None or not self.faiss_index.ntotal or not self.meta.get("token_codes", True):
             raise ValueError(
                 f"centroid ids can be read only from a filled IVF first stage, not {self.meta['faiss_factory']!r}"
             )
@@ -772,6 +1009,9 @@ class TokenIndex:
         lists_all = np.concatenate(lists) if lists else np.zeros(0, np.int64)
         order = np.lexsort((lists_all, rows_all))
         self.meta["centroid_dtype"] = "uint16" if ivf.nlist <= 65536 else "int32"
+        self.meta["centroid_quantizer"] = "ivf"
+        self.centroid_quantizer = None
+        (self.path / _QUANTIZER_FILE).unlink(missing_ok=True)
         self.meta.setdefault("token_codes", True)
         for name in _CENTROID_FILES + _LIST_FILES:
             (self.path / name).unlink(missing_ok=True)
@@ -780,6 +1020,68 @@ class TokenIndex:
             handle.write(lists_all[order].astype(self.meta["centroid_dtype"]).tobytes())
         self._append_centroid_counts(np.bincount(rows_all, minlength=len(self.ids)))
         return self.save()
+
+    def assign_centroids(self, centroids: str, chunk: int = 65536) -> TokenIndex:
+        """Replace the centroid first stage's quantizer and cells of a saved index, then save.
+
+        `centroids`: "ivf" (the cells are read back from the FAISS IVF lists, `build_centroid_ids`: exactly
+        what `add` would have stored) or "IMI2x<b>": a multi-index trained on the first `train_size`
+        first-stage tokens and assigned to every one, both decoded from `first_stage_codes.bin` (so from
+        the codec's codes, not the float tokens `add` sees: with int8 codes a few tokens may fall in a
+        neighbouring cell). Streams `chunk` tokens at a time."""
+        ivf = _top_level_ivf(self.faiss_index)
+        spec = resolve_centroids(
+            centroids, len(self) or None, self.meta["first_stage_tokens"], None if ivf is None else ivf.nlist
+        )
+        if spec == self.quantizer_spec:
+            return self
+        if spec is None:
+            raise ValueError(f"centroids={centroids!r} resolves to no centroid first stage for this index")
+        if spec == "ivf":
+            if not self.faiss_index.ntotal or not self.meta.get("token_codes", True):
+                raise ValueError(
+                    "assign_centroids('ivf') reads the cells from the FAISS IVF lists, which this index "
+                    "does not fill (token_codes=False or empty): rebuild it with centroids='ivf'"
+                )
+            self.meta["centroid_dtype"] = None
+            return self.build_centroid_ids()
+        if not self.meta.get("first_stage_codes"):
+            raise ValueError(
+                f"assign_centroids({centroids!r}) reads the first-stage token codes, which this index does not "
+                "store: run build_first_stage_codes() first"
+            )
+        self._flush_pending()
+        file = self.path / _FS_CODES_FILE
+        dtype, dim = np.dtype(_NUMPY[self.meta["codec"]]), self.meta["dim"]
+        codes = np.memmap(
+            file, dtype=dtype, mode="r", shape=(file.stat().st_size // (dtype.itemsize * dim), dim)
+        )
+        quantizer = _new_multi_index(dim, spec)
+
+        def unit(start: int, stop: int) -> np.ndarray:
+            vectors = np.asarray(codes[start:stop], dtype=np.float32)
+            return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+
+        _train_multi_index(quantizer, unit(0, min(self.meta["train_size"], codes.shape[0])), spec)
+        self.centroid_quantizer, self._multi_cache = quantizer, None
+        self.meta["centroid_quantizer"] = spec
+        self.meta["centroid_dtype"] = "uint16"
+        tmp = self.path / f"{_CENTROID_FILES[0]}.tmp"
+        with open(tmp, "wb") as handle:
+            for start in range(0, codes.shape[0], chunk):
+                handle.write(self._assign(unit(start, start + chunk)).astype(np.uint16).tobytes())
+        os.replace(tmp, self.path / _CENTROID_FILES[0])
+        for name in _LIST_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        self.meta["centroid_lists_items"] = -1
+        self._centroid_cache = None
+        return self.save()
+
+    def _centroid_cosines(self, vectors: np.ndarray) -> np.ndarray:
+        """Cosines `[T, nlist]` of unit vectors with every cell centroid of the centroid first stage."""
+        if self.centroid_quantizer is not None:
+            return self._multi().cosines(vectors)
+        return vectors @ self._centroids()["matrix"].T
 
     def _centroids(self) -> dict[str, np.ndarray]:
         """What the centroid first stage reads: unit centroids `[nlist, d]`, lists, offsets, ids, counts."""
@@ -792,9 +1094,12 @@ class TokenIndex:
             self._flush_pending()
             self._write_centroid_lists()
         if self._centroid_cache is None:
-            ivf = _top_level_ivf(self.faiss_index)
-            matrix = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)
-            matrix /= np.linalg.norm(matrix, axis=1, keepdims=True).clip(1e-12)
+            if self.centroid_quantizer is None:
+                ivf = _top_level_ivf(self.faiss_index)
+                matrix = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)
+                matrix /= np.linalg.norm(matrix, axis=1, keepdims=True).clip(1e-12)
+            else:
+                matrix = None  # a multi-index scores its cells from two half-codebooks (_MultiIndex)
             ids, counts = self._centroid_arrays()
             counts = np.asarray(counts, dtype=np.int64)
             lists = (
@@ -805,7 +1110,7 @@ class TokenIndex:
             offsets = np.fromfile(self.path / _LIST_FILES[1], dtype=np.int64)
             self._centroid_cache = {
                 "matrix": matrix, "lists": lists, "offsets": offsets, "ids": ids, "counts": counts,
-                "starts": _segment_starts(counts),
+                "starts": _segment_starts(counts), "nlist": offsets.shape[0] - 1,
             }  # fmt: skip
         return self._centroid_cache
 
@@ -822,7 +1127,7 @@ class TokenIndex:
         """Bytes on disk: the re-rank store, the FAISS first stage, the centroid ids and lists and the
         first-stage token codes."""
         faiss_file = self.path / _FAISS_FILE
-        files = [self.path / name for name in _CENTROID_FILES + _LIST_FILES]
+        files = [self.path / name for name in (*_CENTROID_FILES, *_LIST_FILES, _QUANTIZER_FILE)]
         codes = self.path / _FS_CODES_FILE
         return {
             "store": self.store.nbytes(),
@@ -902,12 +1207,14 @@ class TokenIndex:
         if refine and refine < candidates:
             raise ValueError(f"refine ({refine}) must be 0 or >= candidates ({candidates})")
         data = self._centroids()
-        matrix, lists, offsets = data["matrix"], data["lists"], data["offsets"]
-        nlist, count = matrix.shape[0], len(self.ids)
+        lists, offsets = data["lists"], data["offsets"]
+        nlist, count = data["nlist"], len(self.ids)
         nprobe = min(nprobe, nlist)
         slope = getattr(config, "similarity_negative_slope", 0.1)
         vectors, token_query, token_weight = first_stage_query_tokens(queries, config, query_tokens)
-        scores = _leaky(vectors @ matrix.T, slope)  # [T, nlist]
+        multi = self._multi() if self.centroid_quantizer is not None else None
+        # IVF: one [T, nlist] table of (LeakyReLU'd) cosines; a multi-index: its half-scores only
+        scores = _leaky(self._centroid_cosines(vectors), slope) if multi is None else None
         num_queries = queries.tokens.shape[0]
         out_scores = torch.full((num_queries, candidates), -torch.inf)
         out_rows = torch.full((num_queries, candidates), -1, dtype=torch.long)
@@ -920,10 +1227,16 @@ class TokenIndex:
             tokens = np.flatnonzero(token_query == query)
             if tokens.size == 0 or count == 0:
                 continue
-            token_scores, weight = scores[tokens], token_weight[tokens]
+            weight = token_weight[tokens]
             # 1. candidate generation: the images of each token's nprobe best centroids
-            probed = np.argpartition(-token_scores, nprobe - 1, axis=1)[:, :nprobe]
-            probed_scores = np.take_along_axis(token_scores, probed, 1)
+            if multi is None:
+                token_scores = scores[tokens]
+                probed = np.argpartition(-token_scores, nprobe - 1, axis=1)[:, :nprobe]
+                probed_scores = np.take_along_axis(token_scores, probed, 1)
+            else:  # the nprobe nearest cells, scored by their cosines like the IVF's
+                halves = multi.half_scores(vectors[tokens])
+                probed = multi.probe(halves, nprobe)
+                probed_scores = _leaky(multi.own_cosines(halves, probed), slope)
             order = np.argsort(probed_scores, axis=1, kind="stable")  # ascending: later writes win
             probed = np.take_along_axis(probed, order, 1)
             probed_scores = np.take_along_axis(probed_scores, order, 1)
@@ -950,7 +1263,13 @@ class TokenIndex:
             # 2. centroid interaction over every token centroid of the candidates
             counts = data["counts"][rows]
             ids = data["ids"][_gather_segments(data["starts"][rows], counts)]
-            second = centroid_interaction(token_scores, weight, ids, counts)
+            if multi is None:
+                second = centroid_interaction(token_scores, weight, ids, counts)
+            else:  # the cosines of the candidates' cells only
+                cells, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+                second = centroid_interaction(
+                    _leaky(multi.cell_cosines(halves, cells), slope), weight, inverse, counts
+                )
             value, rows = _top(second, rows, refine or candidates)
             # 3. refinement on the stored tokens
             if refine:
@@ -1104,6 +1423,15 @@ def merge_token_indices(shards: Sequence[str | os.PathLike], path: str | os.Path
                 raise ValueError(
                     f"shards disagree on {name}: {opened[0].meta.get(name)!r} vs {shard.meta.get(name)!r}"
                 )
+        if shard.quantizer_spec != opened[0].quantizer_spec:
+            raise ValueError(
+                f"shards disagree on centroid_quantizer: {opened[0].quantizer_spec!r} vs {shard.quantizer_spec!r}"
+            )
+        if (
+            opened[0].centroid_quantizer is not None
+            and (shard.path / _QUANTIZER_FILE).read_bytes() != (opened[0].path / _QUANTIZER_FILE).read_bytes()
+        ):
+            raise ValueError("the shards' centroid quantizers differ: build them from one trained start")
     meta = dict(opened[0].meta)
     path = Path(path)
     if (path / "meta.json").exists():
@@ -1140,6 +1468,7 @@ def merge_token_indices(shards: Sequence[str | os.PathLike], path: str | os.Path
             target.add_with_ids(vectors, rows)
         offset += len(shard)
     merged.faiss_index = target
+    merged.centroid_quantizer = opened[0].centroid_quantizer
     return merged.save()
 
 
@@ -1166,7 +1495,7 @@ def build_token_index_distributed(
     if accelerator.is_main_process:
         path.mkdir(parents=True, exist_ok=True)
         probe = TokenIndex.create(path / "training", **create_kwargs)
-        if not probe.faiss_index.is_trained:
+        if not probe._is_trained():
             collected = 0
             for item in stream:
                 held.append(item)
@@ -1193,6 +1522,7 @@ def build_token_index_distributed(
         for item in shards:
             shutil.rmtree(item)
         trained.unlink()
+        _trained_quantizer_file(trained).unlink(missing_ok=True)
         for item in (path / "merged").iterdir():
             os.replace(item, path / item.name)
         (path / "merged").rmdir()
