@@ -296,6 +296,21 @@ def test_centroid_mode_with_exhaustive_settings_gives_the_exhaustive_ranking(
     torch.testing.assert_close(result.scores, scores, atol=1e-4, rtol=1e-4)
 
 
+def _assert_centroid_interaction(scores, rows, texts, config, centroids, per_image) -> None:
+    """Every image is a candidate and its score is the dense centroid interaction: per query token the
+    best (LeakyReLU'd) cosine over the image's cells `per_image[n]` of unit `centroids` `[nlist, d]`,
+    averaged with the query's level weights."""
+    original, key = config.effective_level_weights[:2]
+    for q in range(texts.tokens.shape[0]):
+        real = texts.token_mask[q].bool()
+        query = F.normalize(texts.tokens[q][real].double(), dim=-1)
+        weight = original + key * texts.keep_weights[q][real].double()
+        cosines = F.leaky_relu(query @ centroids.t(), config.similarity_negative_slope)  # [T, nlist]
+        expected = torch.stack([(weight * cosines[:, c].amax(1)).sum() / weight.sum() for c in per_image])
+        assert sorted(rows[q].tolist()) == list(range(NUM_IMAGES))
+        torch.testing.assert_close(scores[q].double(), expected[rows[q]], atol=1e-5, rtol=1e-5)
+
+
 def test_centroid_interaction_equals_the_dense_reference(encoded, tmp_path):
     model, images, texts = encoded
     index = _create(tmp_path / "i", model, images, faiss_factory="IVF4,Flat", first_stage_tokens=3)
@@ -305,17 +320,8 @@ def test_centroid_interaction_equals_the_dense_reference(encoded, tmp_path):
         torch.from_numpy(faiss.extract_index_ivf(index.faiss_index).quantizer.reconstruct_n(0, 4)), dim=-1
     ).double()
     per_image = _token_centroids(index, images, 3)
-    original, key = model.config.effective_level_weights[:2]
-    slope = model.config.similarity_negative_slope
-    for q in range(texts.tokens.shape[0]):
-        real = texts.token_mask[q].bool()
-        query = F.normalize(texts.tokens[q][real].double(), dim=-1)
-        weight = original + key * texts.keep_weights[q][real].double()
-        cosines = F.leaky_relu(query @ centroids.t(), slope)  # [T, nlist]
-        expected = torch.stack([(weight * cosines[:, c].amax(1)).sum() / weight.sum() for c in per_image])
-        assert sorted(rows[q].tolist()) == list(range(NUM_IMAGES))
-        torch.testing.assert_close(scores[q].double(), expected[rows[q]], atol=1e-5, rtol=1e-5)
-        assert bool((scores[q][1:] <= scores[q][:-1]).all())
+    _assert_centroid_interaction(scores, rows, texts, model.config, centroids, per_image)
+    assert bool((scores[:, 1:] <= scores[:, :-1]).all())
 
 
 def test_centroid_candidates_are_the_images_of_the_probed_lists(encoded, tmp_path):
@@ -577,16 +583,7 @@ def test_multi_index_centroid_interaction_equals_the_dense_reference(encoded, tm
     assigned, cells = _imi_cells(index, F.normalize(images.tokens[items, positions].float(), dim=-1).numpy())
     centroids = F.normalize(torch.from_numpy(cells).double(), dim=-1)
     per_image = [sorted(set(assigned[items.numpy() == n].tolist())) for n in range(NUM_IMAGES)]
-    original, key = model.config.effective_level_weights[:2]
-    slope = model.config.similarity_negative_slope
-    for q in range(texts.tokens.shape[0]):
-        real = texts.token_mask[q].bool()
-        query = F.normalize(texts.tokens[q][real].double(), dim=-1)
-        weight = original + key * texts.keep_weights[q][real].double()
-        cosines = F.leaky_relu(query @ centroids.t(), slope)  # [T, nlist]
-        expected = torch.stack([(weight * cosines[:, c].amax(1)).sum() / weight.sum() for c in per_image])
-        assert sorted(rows[q].tolist()) == list(range(NUM_IMAGES))
-        torch.testing.assert_close(scores[q].double(), expected[rows[q]], atol=1e-5, rtol=1e-5)
+    _assert_centroid_interaction(scores, rows, texts, model.config, centroids, per_image)
 
 
 def test_multi_index_candidates_are_the_images_of_the_probed_cells(encoded, tmp_path):
