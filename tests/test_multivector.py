@@ -364,6 +364,16 @@ def test_centroid_interaction_equals_the_naive_loop():
         centroid_interaction(token_scores, weight, np.array([0]), np.array([1, 0]))
 
 
+def _merged_shards(tmp_path, model, images, settings) -> TokenIndex:
+    """The gallery built as two shards from the start trained at `tmp_path / "trained.faiss"`, merged."""
+    shards = []
+    for shard, rows in enumerate((range(0, 7), range(7, NUM_IMAGES))):
+        part = _create(tmp_path / f"s{shard}", model, images, trained=tmp_path / "trained.faiss", **settings)
+        part.add(_rows(images, slice(rows.start, rows.stop)), _ids(rows.start, rows.stop)).save()
+        shards.append(part.path)
+    return merge_token_indices(shards, tmp_path / "merged")
+
+
 def test_centroid_files_of_appended_and_merged_builds_equal_one_build(encoded, tmp_path):
     model, images, texts = encoded
     settings = dict(faiss_factory="IVF3,Flat", first_stage_tokens=3)
@@ -375,12 +385,7 @@ def test_centroid_files_of_appended_and_merged_builds_equal_one_build(encoded, t
     appended.add(_rows(images, slice(0, 4)), _ids(0, 4)).save()
     appended = TokenIndex.open(tmp_path / "app")
     appended.add(_rows(images, slice(4, None)), _ids(4, NUM_IMAGES)).save()
-    shards = []
-    for shard, rows in enumerate((range(0, 7), range(7, NUM_IMAGES))):
-        part = _create(tmp_path / f"s{shard}", model, images, trained=tmp_path / "trained.faiss", **settings)
-        part.add(_rows(images, slice(rows.start, rows.stop)), _ids(rows.start, rows.stop)).save()
-        shards.append(part.path)
-    merged = merge_token_indices(shards, tmp_path / "merged")
+    merged = _merged_shards(tmp_path, model, images, settings)
     search = dict(mode="centroids", nprobe=1, ndocs=5, candidates=4)
     reference = one.search(model, texts, k=3, **search)
     for other in (TokenIndex.open(appended.path), TokenIndex.open(merged.path)):
@@ -636,18 +641,13 @@ def test_multi_index_shards_merge_and_reassignment(encoded, tmp_path):
     one.write_trained(tmp_path / "trained.faiss")
     assert (tmp_path / "trained.faiss.centroids.faiss").is_file()
     one.add(images, _ids(0, NUM_IMAGES)).save()
-    shards = []
-    for shard, rows in enumerate((range(0, 7), range(7, NUM_IMAGES))):
-        part = _create(tmp_path / f"s{shard}", model, images, trained=tmp_path / "trained.faiss", **settings)
-        part.add(_rows(images, slice(rows.start, rows.stop)), _ids(rows.start, rows.stop)).save()
-        shards.append(part.path)
-    merged = merge_token_indices(shards, tmp_path / "merged")
+    merged = _merged_shards(tmp_path, model, images, settings)
     for name in _CENTROID_NAMES:
         assert (one.path / f"{name}.bin").read_bytes() == (merged.path / f"{name}.bin").read_bytes(), name
     other = _create(tmp_path / "other", model, images, **settings)  # trained on its own sample: differs
     other.add(_rows(images, slice(0, 5)), _ids(20, 25)).save()
     with pytest.raises(ValueError, match="centroid quantizers differ"):
-        merge_token_indices([shards[0], other.path], tmp_path / "bad")
+        merge_token_indices([tmp_path / "s0", other.path], tmp_path / "bad")
     # an IVF-quantizer index re-assigned to a multi-index (from its float32 first-stage codes), and back
     ivf = _create(tmp_path / "ivf", model, images, faiss_factory="IVF3,Flat", first_stage_tokens=3)
     ivf.add(images, _ids(0, NUM_IMAGES)).save()
