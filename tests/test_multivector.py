@@ -577,7 +577,11 @@ def test_multi_index_assignment_and_cell_cosines_equal_faiss_and_brute_force(enc
     np.testing.assert_array_equal(index._assign(vectors), assigned)
     queries, _, _ = first_stage_query_tokens(texts, model.config)
     expected = queries @ (cells / np.linalg.norm(cells, axis=1, keepdims=True)).T
-    np.testing.assert_allclose(index._centroid_cosines(queries), expected, atol=1e-5)
+    multi = index._multi()
+    every_cell = np.arange(multi.nlist)
+    np.testing.assert_allclose(
+        multi.cell_cosines(multi.half_scores(queries), every_cell), expected, atol=1e-5
+    )
 
 
 def test_multi_index_centroid_interaction_equals_the_dense_reference(encoded, tmp_path):
@@ -619,7 +623,12 @@ def test_multi_index_probes_are_faiss_nearest_cells(encoded, tmp_path):
         got = multi.probe(halves, nprobe)
         assert [set(row) for row in got.tolist()] == [set(row) for row in expected.tolist()], nprobe
     cells = np.array([0, 5, 63, 9])
-    np.testing.assert_allclose(multi.cell_cosines(halves, cells), multi.cosines(vectors)[:, cells], atol=1e-6)
+    _, centroids = _imi_cells(index, vectors)
+    expected = vectors @ (centroids[cells] / np.linalg.norm(centroids[cells], axis=1, keepdims=True)).T
+    np.testing.assert_allclose(multi.cell_cosines(halves, cells), expected, atol=1e-5)
+    every_cell = multi.cell_cosines(halves, np.arange(multi.nlist))  # [T, nlist]
+    own = multi.own_cosines(halves, got)  # each token's cosine with its own probed cells
+    np.testing.assert_allclose(own, np.take_along_axis(every_cell, got, 1), atol=1e-6)
 
 
 def test_multi_index_with_exhaustive_settings_gives_the_exhaustive_ranking(encoded, tmp_path):

@@ -208,8 +208,8 @@ class _MultiIndex:
     dimensions) and `b` (last d/2), cell centroid `[C0[a], C1[b]]`.
 
     `assign` is FAISS's rule (nearest cell in L2 = nearest half-centroid in each half, two BLAS matmuls);
-    `cosines` the cosine of each vector with every cell centroid from two `[T, ksub]` half-scores:
-    `(x0 · C0[a] + x1 · C1[b]) / |[C0[a], C1[b]]|`."""
+    `cell_cosines` / `own_cosines` the cosine of each vector with given cells from its two `[T, ksub]`
+    half-scores: `(x0 · C0[a] + x1 · C1[b]) / |[C0[a], C1[b]]|`."""
 
     def __init__(self, quantizer: Any) -> None:
         faiss = _faiss()
@@ -233,13 +233,6 @@ class _MultiIndex:
     def half_scores(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`[T, ksub]` inner products of each half of `vectors` with its half-codebook."""
         return vectors[:, : self.dsub] @ self.books[0].T, vectors[:, self.dsub :] @ self.books[1].T
-
-    def cosines(self, vectors: np.ndarray) -> np.ndarray:
-        """`[T, nlist]` (materialised: tests and small indices; the search uses `probe` / `cell_cosines`)."""
-        first, second = self.half_scores(vectors)
-        scores = (second[:, :, None] + first[:, None, :]).reshape(vectors.shape[0], self.nlist)
-        scores *= self.inverse_norms
-        return scores
 
     def cell_cosines(self, halves: tuple[np.ndarray, np.ndarray], cells: np.ndarray) -> np.ndarray:
         """`[T, M]` cosines with the cells `[M]`, from the half-scores (no `[T, nlist]` table)."""
@@ -1077,12 +1070,6 @@ class TokenIndex:
         self._centroid_cache = None
         return self.save()
 
-    def _centroid_cosines(self, vectors: np.ndarray) -> np.ndarray:
-        """Cosines `[T, nlist]` of unit vectors with every cell centroid of the centroid first stage."""
-        if self.centroid_quantizer is not None:
-            return self._multi().cosines(vectors)
-        return vectors @ self._centroids()["matrix"].T
-
     def _centroids(self) -> dict[str, np.ndarray]:
         """What the centroid first stage reads: unit centroids `[nlist, d]`, lists, offsets, ids, counts."""
         if not self.has_centroids:
@@ -1214,7 +1201,7 @@ class TokenIndex:
         vectors, token_query, token_weight = first_stage_query_tokens(queries, config, query_tokens)
         multi = self._multi() if self.centroid_quantizer is not None else None
         # IVF: one [T, nlist] table of (LeakyReLU'd) cosines; a multi-index: its half-scores only
-        scores = _leaky(self._centroid_cosines(vectors), slope) if multi is None else None
+        scores = _leaky(vectors @ data["matrix"].T, slope) if multi is None else None
         num_queries = queries.tokens.shape[0]
         out_scores = torch.full((num_queries, candidates), -torch.inf)
         out_rows = torch.full((num_queries, candidates), -1, dtype=torch.long)
