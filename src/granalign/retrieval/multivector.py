@@ -1075,7 +1075,8 @@ class TokenIndex:
         if not self.has_centroids:
             raise ValueError(
                 f"this token index stores no centroid ids (first stage {self.meta['faiss_factory']!r}): "
-                "mode='centroids' needs an IVF first stage (an older IVF index: run build_centroid_ids())"
+                "mode='centroids' needs an IVF first stage or centroids='IMI2x<b>' (an older IVF index: run "
+                "build_centroid_ids(); any index with first-stage codes: assign_centroids('IMI2x<b>'))"
             )
         if self._pending or self.meta.get("centroid_lists_items") != len(self.ids):
             self._flush_pending()
