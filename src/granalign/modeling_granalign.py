@@ -424,8 +424,9 @@ class GranAlignModel(GranAlignPreTrainedModel):
 
     def _run_tuned_blocks(self, states: torch.Tensor) -> torch.Tensor:
         """Cached states `[B, H·W, C]` (square grid) → the tower's last blocks and head → `[B, H'·W', h]`."""
-        first = self.vision_tuned_modules[0]
-        channels = (first.expand or first.depthwise).conv.in_channels
+        modules = self.vision_tuned_modules
+        first = modules[0]
+        channels = (first.depthwise if first.expand is None else first.expand).conv.in_channels
         batch, length, width = states.shape
         side = math.isqrt(length)
         if width != channels or side * side != length:
@@ -436,7 +437,7 @@ class GranAlignModel(GranAlignPreTrainedModel):
         hidden = (
             states.transpose(1, 2).reshape(batch, width, side, side).to(first.depthwise.conv.weight.dtype)
         )
-        for module in self.vision_tuned_modules:
+        for module in modules:
             hidden = module(hidden)
         return hidden.flatten(2).transpose(1, 2)
 
