@@ -722,9 +722,9 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--centroid-nprobe", type=int, default=2, help="centroids probed per caption token")
     parser.add_argument(
-        "--centroids", default="ivf",
-        help="centroid quantizer: auto (PLAID's cell count for the gallery: IMI2x<b> above the IVF's nlist), "
-        "ivf (the --factory's IVF quantizer, nlist fixed) or IMI2x<b> (4^b cells)",
+        "--centroids", default="auto",
+        help="centroid quantizer: auto (TokenIndex.create's rule: ivf, or IMI2x8 once PLAID's cell count "
+        "reaches 65,536, ~524k images), ivf (the --factory's IVF quantizer, nlist fixed) or IMI2x<b> (4^b cells)",
     )  # fmt: skip
     parser.add_argument(
         "--ndocs", type=int, default=256, help="candidates scored by full centroid interaction"

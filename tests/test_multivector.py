@@ -486,21 +486,30 @@ def _chunks(rank, world, total=10, chunk=2):
         yield [f"img{i}" for i in rows], _synthetic_images(rows)
 
 
+#: the two-process builds: the IVF lists as centroids, and a 16-cell inverted multi-index
+_SHARDED = {"ivf": dict(centroids="ivf"), "imi": dict(centroids="IMI2x2")}
+
+
+def _sharded_settings(name):
+    return dict(fingerprint="synthetic", dim=8, num_regions=2, codec="float16", first_stage_tokens=3,
+                faiss_factory="IVF2,Flat", train_size=6, **_SHARDED[name])  # fmt: skip
+
+
 def _distributed_build(path):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2, accelerator.state
-    settings = dict(fingerprint="synthetic", dim=8, num_regions=2, codec="float16", first_stage_tokens=3,
-                    faiss_factory="IVF2,Flat", train_size=6)  # fmt: skip
-    build_token_index_distributed(accelerator, _chunks, path, **settings)
+    for name in _SHARDED:
+        build_token_index_distributed(accelerator, _chunks, Path(path) / name, **_sharded_settings(name))
 
 
 @pytest.mark.slow
 def test_two_process_build_equals_one_process(tmp_path):
     """Two CPU processes (`accelerate launch`, gloo) each stream their share; the merged index equals a
-    single-process build of the same chunks (after the same training). Fresh processes, not accelerate's
-    forking `debug_launcher`: a fork of the multi-threaded pytest process can deadlock."""
+    single-process build of the same chunks (after the same training), with the IVF lists and with an
+    inverted multi-index as centroids. Fresh processes, not accelerate's forking `debug_launcher`: a fork
+    of the multi-threaded pytest process can deadlock."""
     launcher = Path(sys.executable).with_name("accelerate")
     if not launcher.is_file():
         pytest.skip("the accelerate launcher is not installed next to this python")
@@ -509,41 +518,32 @@ def test_two_process_build_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = TokenIndex.open(tmp_path / "two")
-    assert two.ids == [f"img{i}" for i in range(10)] and sorted(p.name for p in two.path.iterdir()) == sorted(
-        [
-            "meta.json",
-            "ids.txt",
-            "tokens.bin",
-            "keep.bin",
-            "lengths.bin",
-            "regions.bin",
-            "embeds.bin",
-            "first_stage.faiss",
-            "centroids.bin",
-            "centroid_counts.bin",
-            "centroid_lists.bin",
-            "centroid_offsets.bin",
-            "first_stage_codes.bin",
-        ]
-    )
-    # the reference: one process, the same training sample (the main process's first chunk: 6 vectors)
-    single = TokenIndex.create(tmp_path / "one", fingerprint="synthetic", dim=8, num_regions=2, codec="float16",
-                               first_stage_tokens=3, faiss_factory="IVF2,Flat", train_size=6)  # fmt: skip
-    first = list(_chunks(0, 2))[:1]
     from granalign.outputs_granalign import concat_image_outputs
 
-    single.train_first_stage(concat_image_outputs([images for _, images in first]))
-    for rank in range(2):
-        for ids, images in _chunks(rank, 2):
-            single.add(images, ids)
-    single.save()
-    for name in ("tokens", "keep", "lengths", "regions", "embeds", *_CENTROID_NAMES):
-        assert (single.path / f"{name}.bin").read_bytes() == (two.path / f"{name}.bin").read_bytes()
-    vectors = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(9)), dim=-1).numpy()
-    for index in (single, two):
-        faiss.ParameterSpace().set_index_parameters(index.faiss_index, "nprobe=1")
-    assert np.array_equal(single.faiss_index.search(vectors, 5)[1], two.faiss_index.search(vectors, 5)[1])
+    for name in _SHARDED:
+        two = TokenIndex.open(tmp_path / "two" / name)
+        quantizer = ["centroid_quantizer.faiss"] if name == "imi" else []
+        assert two.ids == [f"img{i}" for i in range(10)]
+        assert sorted(p.name for p in two.path.iterdir()) == sorted(
+            ["meta.json", "ids.txt", "tokens.bin", "keep.bin", "lengths.bin", "regions.bin", "embeds.bin",
+             "first_stage.faiss", *(f"{stem}.bin" for stem in _CENTROID_NAMES), *quantizer]
+        )  # fmt: skip
+        # the reference: one process, the same training sample (the main process's first chunk: 6 vectors)
+        single = TokenIndex.create(tmp_path / "one" / name, **_sharded_settings(name))
+        single.train_first_stage(concat_image_outputs([images for _, images in list(_chunks(0, 2))[:1]]))
+        for rank in range(2):
+            for ids, images in _chunks(rank, 2):
+                single.add(images, ids)
+        single.save()
+        assert single.quantizer_spec == two.quantizer_spec == ("IMI2x2" if name == "imi" else "ivf")
+        for file in ("tokens", "keep", "lengths", "regions", "embeds", *_CENTROID_NAMES):
+            assert (single.path / f"{file}.bin").read_bytes() == (two.path / f"{file}.bin").read_bytes(), file
+        for file in quantizer:
+            assert (single.path / file).read_bytes() == (two.path / file).read_bytes()
+        vectors = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(9)), dim=-1).numpy()
+        for index in (single, two):
+            faiss.ParameterSpace().set_index_parameters(index.faiss_index, "nprobe=1")
+        assert np.array_equal(single.faiss_index.search(vectors, 5)[1], two.faiss_index.search(vectors, 5)[1])
 
 
 # ------------------------------------------------------------------ the inverted multi-index quantizer
@@ -682,7 +682,11 @@ def test_centroid_quantizer_options_are_resolved_or_refused(encoded, tmp_path):
     model, images, _ = encoded
     assert plaid_nlist(32_000_000) == 65536 and plaid_nlist(3_200_000) == 16384
     assert resolve_centroids("auto", 1_000_000, 32, 1024) == "IMI2x8"
-    assert resolve_centroids("auto", 100_000, 32, 1024) == "IMI2x7"
+    assert resolve_centroids("auto", 524_288, 32, 1024) == "IMI2x8"  # where PLAID's count reaches 65,536
+    assert resolve_centroids("auto", 524_287, 32, 1024) == "ivf"  # IMI2x7 lost recall against IVF1024
+    assert resolve_centroids("auto", 100_000, 32, 1024) == "ivf"
+    assert resolve_centroids("auto", 13, 32, 1) == "ivf"  # a tiny gallery's IVF1 rather than an IMI
+    assert resolve_centroids("auto", 100_000, 32, None) == "IMI2x7"  # no IVF to fall back on: PLAID's size
     assert resolve_centroids("auto", 1_000, 32, 1024) == "ivf"  # PLAID's count is below the IVF's nlist
     assert resolve_centroids("auto", None, 32, 1024) == "ivf"  # no size given: as before the option
     assert resolve_centroids("auto", None, 32, None) is None

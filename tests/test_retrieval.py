@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -408,6 +413,7 @@ def test_cli_choices_match_the_library():
     multivector = importlib.import_module("granalign.retrieval.multivector")
     assert cli_parsers.TOKEN_CODECS == multivector.CODECS
     assert sorted(cli_parsers.TOKEN_FIRST_STAGES) == sorted(multivector.FIRST_STAGE_MODES)
+    assert cli_parsers.TOKEN_CENTROIDS == multivector.CENTROID_QUANTIZERS
 
 
 def _cli(argv):
@@ -503,7 +509,9 @@ def test_cli_token_index_builds_appends_and_searches_like_exhaustive(saved_model
 
     directory, model, processor = saved_model
     model_dir, output = str(directory / "m"), tmp_path / "tokens"
-    build = ["index", model_dir, str(output), "--token-index", "--codec", "float32", "--no-progress"]
+    # the IVF lists (one here): `--centroids auto` would pick a multi-index for the gallery size
+    build = ["index", model_dir, str(output), "--token-index", "--codec", "float32", "--centroids", "ivf",
+             "--no-progress"]  # fmt: skip
     first, rest = directory / "images" / "img0.png", directory / "images" / "sub"
     assert (
         _cli(
@@ -570,6 +578,148 @@ def test_cli_token_index_centroids_only_is_compact_and_refuses_token_search(save
         _cli(["search", output, model_dir, "--text", "red", "--first-stage", "tokens", "--no-progress"])
     with pytest.raises(ValueError, match="--first-stage-tokens must be >= 0"):
         _cli([*build, "--overwrite", "--first-stage-tokens", "-1"])
+
+
+def _image_folder(root, count, bad=()):
+    """`count` random images `img00.png`, ... in `root`; those numbered in `bad` are not images."""
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for n in range(count):
+        target = root / f"img{n:02d}.png"
+        if n in bad:
+            target.write_text("not an image")
+        else:
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(target)
+    return root
+
+
+def _index_files(path):
+    return {file.name: file.read_bytes() for file in sorted(Path(path).iterdir())}
+
+
+def _token_search(index, model_dir, out, *options):
+    argv = ["search", str(index), model_dir, "--text", "red circle", "blue square", "-k", "4", "--shortlist",
+            "6", "--query-tokens", "0", "--output-json", str(out), "--no-progress", *options]  # fmt: skip
+    assert _cli(argv) == 0
+    return json.loads(out.read_text())["results"]
+
+
+def test_cli_token_index_streams_chunks_into_the_one_chunk_index(saved_model, tmp_path, capsys, monkeypatch):
+    """A gallery encoded and added 3 images at a time (a chunk of unreadable files among them) gives the
+    files of a one-chunk build; the gallery size reaches `TokenIndex.create`; errors leave OUTPUT as it
+    was."""
+    pytest.importorskip("faiss")
+    from granalign.retrieval.cli_retrieval import _auto_factory
+    from granalign.retrieval.multivector import TokenIndex, resolve_centroids
+
+    model_dir = str(saved_model[0] / "m")
+    gallery = _image_folder(tmp_path / "gallery", 13, bad=(3, 4, 5))  # files 3-5: the second chunk
+
+    def build(output, *options):
+        argv = ["index", model_dir, str(output), "--token-index", "--images", str(gallery), "--batch-size",
+                "3", "--no-progress", *options]  # fmt: skip
+        return _cli(argv)
+
+    created = []  # the gallery size (13 files, 3 of them unreadable) reaches create(expected_items=...)
+    create = TokenIndex.create.__func__
+    monkeypatch.setattr(
+        TokenIndex, "create", classmethod(lambda cls, *a, **kw: created.append(kw) or create(cls, *a, **kw))
+    )
+    chunked, whole = tmp_path / "chunked", tmp_path / "whole"
+    assert build(chunked, "--chunk-size", "3", "--skip-bad-images") == 0
+    printed = capsys.readouterr().out
+    assert "skipped 3 of 13 image files" in printed and "wrote" in printed and "centroids ivf" in printed
+    assert [kw["expected_items"] for kw in created] == [13] and created[0]["centroids"] == "auto"
+    assert build(whole, "--chunk-size", "1000", "--skip-bad-images") == 0
+    files = _index_files(chunked)
+    assert files == _index_files(whole)
+    index = TokenIndex.open(chunked)
+    assert len(index) == 10 and "img03.png" not in " ".join(index.ids)
+    nlist = int(index.meta["faiss_factory"][3:].split(",")[0])
+    assert index.quantizer_spec == resolve_centroids("auto", 13, 32, nlist) == "ivf"
+    assert index.meta["faiss_factory"] == _auto_factory(index.faiss_index.ntotal)  # as from the whole gallery
+    out = tmp_path / "hits.json"
+    for first_stage in ([], ["--first-stage", "tokens"]):
+        assert _token_search(chunked, model_dir, out, *first_stage) == _token_search(
+            whole, model_dir, out, *first_stage
+        )
+
+    with pytest.raises(ValueError, match="pass --skip-bad-images"):
+        build(tmp_path / "failed", "--chunk-size", "3")
+    assert not (tmp_path / "failed").exists() and not (tmp_path / "failed.partial").exists()
+    with pytest.raises(ValueError, match="pass --skip-bad-images"):
+        build(chunked, "--chunk-size", "3", "--overwrite")
+    assert _index_files(chunked) == files and not (tmp_path / "chunked.partial").exists()
+    more = _image_folder(tmp_path / "more", 5, bad=(4,))  # the first chunk is added before the error
+    append = ["index", model_dir, str(chunked), "--token-index", "--append", "--images", str(more),
+              "--chunk-size", "3", "--no-progress"]  # fmt: skip
+    with pytest.raises(ValueError, match="pass --skip-bad-images"):
+        _cli(append)
+    assert _index_files(chunked) == files  # rolled back
+    assert _cli([*append, "--skip-bad-images"]) == 0
+    assert len(TokenIndex.open(chunked)) == 14
+
+
+def test_cli_token_index_option_errors_name_the_value(saved_model, tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    from granalign.retrieval import cli_retrieval
+
+    directory = saved_model[0]
+    output = tmp_path / "tokens"
+    build = [
+        "index",
+        str(directory / "m"),
+        str(output),
+        "--token-index",
+        "--images",
+        str(directory / "images"),
+    ]
+    with pytest.raises(
+        ValueError, match=r"--chunk-size must be >= 1 \(images encoded and added at a time\), got 0"
+    ):
+        _cli([*build, "--chunk-size", "0"])
+    for spec in ("IMI2x9", "plaid"):
+        expected = f"--centroids: unknown centroid quantizer '{spec}'; expected 'auto', 'ivf' or 'IMI2x<b>'"
+        with pytest.raises(ValueError, match=expected):
+            _cli([*build, "--centroids", spec])
+    assert not output.exists()
+    output.mkdir()
+    (output / "meta.json").write_text("{}")
+    several = SimpleNamespace(num_processes=2, is_main_process=True, device="cpu")
+    monkeypatch.setattr(cli_retrieval, "_process_state", lambda args: several)
+    with pytest.raises(ValueError, match="--append adds to an index in one process, not 2"):
+        _cli([*build, "--append"])
+
+
+@pytest.mark.slow
+def test_cli_token_index_two_processes_equal_one(saved_model, tmp_path):
+    """`accelerate launch --num_processes 2 granalign index --token-index` (two CPU processes, gloo): each
+    encodes its half in chunks; the merged index equals the one-process build, but for the first stage's
+    trained quantizer (trained on the main process's half; with one IVF list the assignments agree)."""
+    pytest.importorskip("faiss")
+    launcher, granalign = (Path(sys.executable).with_name(name) for name in ("accelerate", "granalign"))
+    if not (launcher.is_file() and granalign.is_file()):
+        pytest.skip("the accelerate launcher or the granalign script is not installed next to this python")
+    model_dir = str(saved_model[0] / "m")
+    gallery = _image_folder(tmp_path / "gallery", 10)
+    options = ["--token-index", "--images", str(gallery), "--codec", "float32", "--token-factory",
+               "IVF1,Flat", "--centroids", "ivf", "--batch-size", "1", "--chunk-size", "2",
+               "--no-progress"]  # fmt: skip
+    command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(granalign), "index", model_dir,
+               str(tmp_path / "two"), *options]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1, done.stdout  # the main process prints
+    assert _cli(["index", model_dir, str(tmp_path / "one"), *options]) == 0
+    one, two = _index_files(tmp_path / "one"), _index_files(tmp_path / "two")
+    one.pop("first_stage.faiss"), two.pop("first_stage.faiss")
+    assert one == two
+    out = tmp_path / "hits.json"
+    for first_stage in ([], ["--first-stage", "tokens"]):
+        expected = _token_search(tmp_path / "one", model_dir, out, *first_stage)
+        assert _token_search(tmp_path / "two", model_dir, out, *first_stage) == expected
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])

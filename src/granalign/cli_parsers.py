@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_IMAGE_QUERY_SHORTLIST",
     "DEFAULT_SHORTLIST",
     "MODES",
@@ -35,10 +36,12 @@ __all__ = [
 MODES = ("two-stage", "exhaustive")  # granalign.retrieval.search.MODES
 TOKEN_CODECS = ("float32", "float16", "int8")  # granalign.retrieval.multivector.CODECS
 TOKEN_FIRST_STAGES = ("centroids", "tokens")  # granalign.retrieval.multivector.FIRST_STAGE_MODES
+TOKEN_CENTROIDS = ("auto", "ivf", "IMI2x<b>")  # granalign.retrieval.multivector.CENTROID_QUANTIZERS
 DEFAULT_SHORTLIST = 20  # granalign.retrieval.search.DEFAULT_SHORTLIST
 DEFAULT_IMAGE_QUERY_SHORTLIST = 50  # granalign.retrieval.search.DEFAULT_IMAGE_QUERY_SHORTLIST
 SHORTLIST_SOURCES = ("regions", "embeddings")  # granalign.retrieval.shortlist.SHORTLIST_SOURCES
 BACKENDS = ("auto", "matmul", "faiss")  # granalign.retrieval.shortlist.BACKENDS
+DEFAULT_CHUNK_SIZE = 1024  # images per chunk of a streamed `index --token-index` build
 
 _TOKEN_HELP = (
     "Hub token (default: the HF_TOKEN environment variable, else the token saved by `hf auth login`)"
@@ -164,7 +167,9 @@ def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
     mode.add_argument("--append", action="store_true", help="add the items to an existing index")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing index")
     tokens = parser.add_argument_group(
-        "token index", "a multi-vector image index for large galleries (OUTPUT is a directory; needs faiss)"
+        "token index",
+        "a multi-vector image index for large galleries (OUTPUT is a directory; needs faiss), built chunk "
+        "by chunk; `accelerate launch --num_processes N -m granalign.cli index ...` shards the encoding",
     )
     tokens.add_argument(
         "--token-index",
@@ -182,13 +187,28 @@ def add_index_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--token-factory",
         default="auto",
         help="FAISS index_factory of the first stage, e.g. IVF1024,PQ64x4fs (auto: IVF<n>,Flat, n from "
-        "the gallery size)",
+        "the gallery size times the first chunk's first-stage tokens per image)",
+    )
+    tokens.add_argument(
+        "--centroids",
+        default="auto",
+        metavar="|".join(TOKEN_CENTROIDS),
+        help="coarse quantizer of the centroid first stage: ivf (the IVF factory's lists), IMI2x<b> (an "
+        "inverted multi-index of 4^b cells, b in 1..8) or auto (ivf, or IMI2x8 once PLAID's cell count for "
+        "the gallery size reaches 65,536: ~524k images at 32 tokens)",
     )
     tokens.add_argument(
         "--centroids-only",
         action="store_true",
         help="add no token vectors to FAISS (no --first-stage tokens search): the centroid first stage needs "
-        "only each token's IVF centroid",
+        "only each token's coarse centroid",
+    )
+    tokens.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="images encoded and added at a time: the build holds one chunk's outputs in memory (a multiple "
+        "of --batch-size encodes the batches a one-chunk build would)",
     )
     _add_model_options(parser)
     return parser

@@ -9,11 +9,25 @@
 
 A multi-vector token index (`granalign.retrieval.TokenIndex`, a directory) for large image galleries:
 
-    granalign index MODEL OUTPUT_DIR --token-index (--images PATH... | --dataset SOURCE) [--codec int8]
-                    [--first-stage-tokens 32] [--rerank-tokens N] [--token-factory IVF1024,PQ64x4fs]
-                    [--centroids-only] [--append | --overwrite]
+    granalign index MODEL OUTPUT_DIR --token-index (--images PATH... | --dataset SOURCE | --regions FILE)
+                    [--codec int8] [--first-stage-tokens 32] [--rerank-tokens N]
+                    [--token-factory IVF1024,PQ64x4fs] [--centroids auto|ivf|IMI2x<b>] [--centroids-only]
+                    [--chunk-size 1024] [--append | --overwrite]
     granalign search OUTPUT_DIR MODEL --text CAPTION... [--first-stage centroids|tokens] [--nprobe 4]
                     [--ndocs 256] [--refine 0] [--token-k 256] [--query-tokens 8] [--shortlist 20]
+
+The token index build streams: the gallery (image files, dataset rows or region arrays) is encoded and
+added `--chunk-size` images at a time, so memory holds one chunk's outputs (and the FAISS training buffer),
+never the gallery's. It gives the files a one-chunk build gives (with a chunk size that is a multiple of
+`--batch-size` the batches are the same). The gallery size is known up front: `TokenIndex.create` gets it
+as `expected_items` (`--centroids auto` resolves PLAID's cell count from it), and `--token-factory auto`
+estimates the first-stage vector count as gallery size × the first chunk's first-stage tokens per image
+(exact for a fixed token count per image). A new index is built in `OUTPUT_DIR.partial` and moved into
+place when complete; a failed `--append` truncates the files back, so an error leaves OUTPUT_DIR as it was.
+
+Under `accelerate launch --num_processes N -m granalign.cli index ... --token-index` each process encodes
+its `shard_range` of the gallery in chunks and `build_token_index_distributed` merges the shards (the main
+process trains the first stage on its first chunks; only it prints). `--append` runs in one process.
 
 MODEL is a saved model directory or Hub id (with `--revision`). User errors raise `ValueError` /
 `OSError`, which `granalign.cli.main` prints as one line (exit status 2): an image file that cannot be read
@@ -23,7 +37,12 @@ is one, naming the file, unless `--skip-bad-images` leaves such files out of the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +56,13 @@ __all__ = ["add_index_parser", "add_search_parser", "run_index", "run_search"]
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+def _load_model(args: argparse.Namespace, device: str | None = None) -> tuple[Any, Any]:
+    """The model and processor of MODEL, on `--device` (else `device`, else cuda if available)."""
     from granalign.hub.loading import load_model_and_processor
 
-    return load_model_and_processor(args.model, args.device, revision=args.revision, require_processor=False)
+    return load_model_and_processor(
+        args.model, args.device or device, revision=args.revision, require_processor=False
+    )
 
 
 def _need_processor(processor: Any, what: str) -> Any:
@@ -104,23 +126,29 @@ def _read_regions(path: str) -> tuple[list[np.ndarray], list[str]]:
     return arrays, ids or [str(i) for i in range(len(arrays))]
 
 
-def _encode_image_files(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, list[str]]:
-    """Outputs and ids of the `--images` files; unreadable ones are an error, or skipped and listed."""
+def _encode_image_files(
+    args: argparse.Namespace, model: Any, processor: Any, files: list[Path], progress: bool, allow_empty: bool
+) -> tuple[Any, list[str], list[tuple[Path, str]]]:
+    """Outputs (None: every file skipped, with `allow_empty`), ids and skipped `(file, reason)` of image
+    `files`; an unreadable one is an error naming `--skip-bad-images`, or skipped with it."""
     from granalign.retrieval import encode
 
-    files = encode.list_image_files(args.images)
     skip = getattr(args, "skip_bad_images", False)
     try:
         outputs, encoded, skipped = encode.encode_image_files(
-            model, processor, files, args.batch_size, not args.no_progress, skip_bad=skip
+            model, processor, files, args.batch_size, progress, skip_bad=skip, allow_empty=allow_empty
         )
     except encode.UnreadableImageError as error:
         raise ValueError(f"{error} (pass --skip-bad-images to leave such files out)") from None
+    return outputs, [str(f) for f in encoded], skipped
+
+
+def _report_skipped(skipped: list[tuple[Path, str]], total: int) -> None:
+    """List the image files `--skip-bad-images` left out (of `total`)."""
     if skipped:
-        print(f"skipped {len(skipped)} of {len(files)} image files that cannot be read:")
+        print(f"skipped {len(skipped)} of {total} image files that cannot be read:")
         for _, reason in skipped:
             print(f"  {reason}")
-    return outputs, [str(f) for f in encoded]
 
 
 def _encode_source(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, list[str], Any]:
@@ -129,7 +157,11 @@ def _encode_source(args: argparse.Namespace, model: Any, processor: Any) -> tupl
 
     progress, batch = not args.no_progress, args.batch_size
     if args.images:
-        return (*_encode_image_files(args, model, _need_processor(processor, "--images")), None)
+        files = encode.list_image_files(args.images)
+        processor = _need_processor(processor, "--images")
+        outputs, ids, skipped = _encode_image_files(args, model, processor, files, progress, False)
+        _report_skipped(skipped, len(files))
+        return outputs, ids, None
     if args.captions_file:
         ids, captions = _read_captions(args.captions_file)
         outputs = encode.encode_captions(
@@ -154,7 +186,98 @@ def _encode_source(args: argparse.Namespace, model: Any, processor: Any) -> tupl
     return outputs, ids, None
 
 
-# ------------------------------------------------------------------------------------------ commands
+# -------------------------------------------------------------------------------------- token index
+
+#: environment variables holding the number of launched processes (torchrun / accelerate, MPI)
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+@dataclasses.dataclass
+class _Gallery:
+    """The images of a token index: `size` rows; `encode(rows)` gives `(ids, outputs)` of a block of them
+    (outputs None when `--skip-bad-images` left out every file of the block, `skipped` lists them)."""
+
+    size: int
+    encode: Callable[[range], tuple[list[str], Any]]
+    skipped: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+
+
+def _token_gallery(args: argparse.Namespace, model: Any, processor: Any, progress: bool) -> _Gallery:
+    """The `--images`, `--regions` or `--dataset` gallery of `--token-index`, encoded block by block."""
+    from granalign.retrieval import encode
+
+    batch = args.batch_size
+    if args.images:
+        files = encode.list_image_files(args.images)
+        processor = _need_processor(processor, "--images")
+        skipped: list[tuple[Path, str]] = []
+
+        def encode_files(rows: range) -> tuple[list[str], Any]:
+            block = files[rows.start : rows.stop]
+            outputs, ids, bad = _encode_image_files(args, model, processor, block, progress, True)
+            skipped.extend(bad)
+            return ids, outputs
+
+        return _Gallery(len(files), encode_files, skipped)
+    if args.regions:
+        arrays, region_ids = _read_regions(args.regions)
+
+        def encode_regions(rows: range) -> tuple[list[str], Any]:
+            block = arrays[rows.start : rows.stop]
+            return region_ids[rows.start : rows.stop], encode.encode_regions(model, block, batch, progress)
+
+        return _Gallery(len(arrays), encode_regions)
+    split = _load_split(args)
+
+    def encode_rows(rows: range) -> tuple[list[str], Any]:
+        outputs, ids = encode.encode_dataset_images(model, processor, split, batch, progress, rows=rows)
+        return ids, outputs
+
+    return _Gallery(len(split), encode_rows)
+
+
+def _chunks(gallery: _Gallery, rows: range, size: int, progress: bool) -> Iterator[tuple[list[str], Any]]:
+    """`(ids, outputs)` of the gallery's `rows`, encoded `size` rows at a time: the one chunking loop of
+    single-process and sharded builds (a block whose files were all skipped yields nothing)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(rows), desc="index", unit="image", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(rows.start, rows.stop, size):
+            block = range(start, min(start + size, rows.stop))
+            chunk = gallery.encode(block)
+            bar.update(len(block))
+            if chunk[1] is not None:
+                yield chunk
+            del chunk  # not held while the next block is encoded
+
+
+def _settings_and_chunks(
+    args: argparse.Namespace, chunks: Iterator[tuple[list[str], Any]], gallery: _Gallery
+) -> tuple[dict[str, Any], Iterator[tuple[list[str], Any]]]:
+    """`TokenIndex.create` settings of a new index from the first chunk (`_index_settings`), and the
+    chunks again, the first included; an error when there is none."""
+    first = next(chunks, None)
+    if first is None:
+        raise _nothing_to_index(gallery)
+    return _index_settings(args, first[1], gallery.size), _prepended(first, chunks)
+
+
+def _nothing_to_index(gallery: _Gallery) -> ValueError:
+    """The error of a gallery (or shard) that gave no images to add."""
+    if gallery.skipped:
+        return ValueError(
+            f"none of the {len(gallery.skipped)} image files can be read, e.g. {gallery.skipped[0][1]}; "
+            "nothing to index"
+        )
+    return ValueError("nothing to index: the gallery holds no images")
+
+
+def _prepended(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    """`first`, then `rest`, without holding on to `first` once it is taken."""
+    held = [first]
+    del first
+    yield held.pop()
+    yield from rest
 
 
 def _auto_factory(num_vectors: int) -> str:
@@ -166,20 +289,121 @@ def _auto_factory(num_vectors: int) -> str:
     return f"IVF{nlist},Flat"
 
 
-def _run_token_index(args: argparse.Namespace) -> int:
-    """`granalign index --token-index`: encode images (the shared encode path) into a `TokenIndex`."""
-    import shutil
+def _estimated_vectors(first: Any, first_stage_tokens: int | None, expected_items: int) -> int:
+    """The gallery's first-stage vector count from its first chunk: `expected_items` times the chunk's
+    first-stage tokens per image (exact when every image has as many, e.g. patch tokens >=
+    `--first-stage-tokens`, and no file is skipped)."""
+    from granalign.retrieval.multivector import select_tokens
 
-    from granalign.retrieval.multivector import TokenIndex, select_tokens
+    count = len(select_tokens(first.token_mask, first.keep_weights, first_stage_tokens)[0])
+    return count * expected_items // first.tokens.shape[0]
+
+
+def _index_settings(args: argparse.Namespace, first: Any, expected_items: int) -> dict[str, Any]:
+    """`TokenIndex.create` settings of a new index: the options, the token size and region count of the
+    first chunk, and the gallery size (`expected_items`, which `--centroids auto` resolves from)."""
+    first_stage = args.first_stage_tokens or None
+    factory = args.token_factory
+    if factory == "auto":
+        factory = _auto_factory(_estimated_vectors(first, first_stage, expected_items))
+    regions = getattr(first, "region_tokens", None)
+    return dict(
+        dim=int(first.tokens.shape[-1]), num_regions=0 if regions is None else int(regions.shape[1]),
+        codec=args.codec, first_stage_tokens=first_stage, rerank_tokens=args.rerank_tokens or None,
+        faiss_factory=factory, token_codes=not args.centroids_only, centroids=args.centroids,
+        expected_items=expected_items,
+    )  # fmt: skip
+
+
+def _build(args: argparse.Namespace, model: Any, gallery: _Gallery, path: Path, progress: bool) -> Any:
+    """A new token index at `path`, in this process, the gallery added chunk by chunk; saved."""
+    from granalign.retrieval.multivector import TokenIndex
+
+    chunks = _chunks(gallery, range(gallery.size), args.chunk_size, progress)
+    settings, chunks = _settings_and_chunks(args, chunks, gallery)
+    return TokenIndex.create(path, model, **settings).add_chunks(chunks).save()
+
+
+def _append(args: argparse.Namespace, model: Any, gallery: _Gallery, output: Path, progress: bool) -> Any:
+    """The index at `output` with the gallery added chunk by chunk, saved; a failure truncates its files
+    back (`_rolled_back_on_error`)."""
+    from granalign.retrieval.multivector import TokenIndex
+
+    index = TokenIndex.open(output, model=model)
+    before = len(index)
+    with _rolled_back_on_error(output):
+        index.add_chunks(_chunks(gallery, range(gallery.size), args.chunk_size, progress))
+        if len(index) == before:
+            raise _nothing_to_index(gallery)
+    return index.save()
+
+
+def _build_sharded(
+    args: argparse.Namespace, model: Any, gallery: _Gallery, path: Path, state: Any, progress: bool
+) -> Any:
+    """A new token index at `path` built by every process of `state`, each encoding its `shard_range` in
+    chunks (`build_token_index_distributed`); the main process's first chunk sets the settings. Returns
+    the merged index on the main process, None elsewhere."""
+    from accelerate.utils import broadcast_object_list
+
+    from granalign.retrieval.multivector import build_token_index_distributed, shard_range
+
+    rows = shard_range(gallery.size, state.process_index, state.num_processes)
+    chunks = _chunks(gallery, rows, args.chunk_size, progress)
+    settings: list[Any] = [None]
+    if state.is_main_process:
+        settings[0], chunks = _settings_and_chunks(args, chunks, gallery)
+    broadcast_object_list(settings)
+    return build_token_index_distributed(state, lambda rank, world: chunks, path, model=model, **settings[0])
+
+
+def _process_state(args: argparse.Namespace) -> Any:
+    """accelerate's `PartialState` when several processes were launched (`accelerate launch
+    --num_processes N`), else None; an error when accelerate does not see the launched processes."""
+    launched = max(int(os.environ.get(name, "1")) for name in _WORLD_SIZE_VARIABLES)
+    if launched <= 1:
+        return None
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        raise ValueError(
+            f"{launched} processes were launched, but a sharded --token-index build needs accelerate: "
+            "pip install accelerate"
+        ) from None
+    import torch
+
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    if state.num_processes != launched:
+        raise ValueError(
+            f"{launched} processes were launched, but accelerate runs {state.num_processes}: launch the "
+            "sharded build with `accelerate launch --num_processes N -m granalign.cli index ...`"
+        )
+    return state
+
+
+def _check_token_options(args: argparse.Namespace) -> None:
+    """The `--token-index` option errors, found before the model is loaded."""
+    from granalign.retrieval.multivector import resolve_centroids
 
     if args.captions or args.captions_file:
-        raise ValueError("--token-index indexes images (--images or --dataset), not captions")
+        raise ValueError("--token-index indexes images (--images, --dataset or --regions), not captions")
     for name in ("first_stage_tokens", "rerank_tokens"):
         if getattr(args, name) < 0:
             raise ValueError(
                 f"--{name.replace('_', '-')} must be >= 0 (0: all tokens), got {getattr(args, name)}"
             )
-    output = Path(args.output)
+    if args.chunk_size < 1:
+        raise ValueError(
+            f"--chunk-size must be >= 1 (images encoded and added at a time), got {args.chunk_size}"
+        )
+    try:
+        resolve_centroids(args.centroids, None, None, 1)  # TokenIndex.create's check of the spec
+    except ValueError as error:
+        raise ValueError(f"--centroids: {error}") from None
+
+
+def _check_token_output(args: argparse.Namespace, output: Path) -> None:
+    """OUTPUT must be a token index with `--append` / `--overwrite`, else absent or an empty folder."""
     exists = (output / "meta.json").is_file()
     if output.exists() and not exists and any(output.iterdir()):
         raise ValueError(
@@ -191,28 +415,93 @@ def _run_token_index(args: argparse.Namespace) -> int:
         raise ValueError(f"{str(output)!r} holds a token index: pass --append to add to it or --overwrite")
     if args.append and not exists:
         raise FileNotFoundError(f"--append: no token index at {str(output)!r} to add to")
-    model, processor = _load_model(args)
-    index = TokenIndex.open(output, model=model) if args.append else None
-    outputs, ids, _ = _encode_source(args, model, processor)
-    if index is None:
-        if args.overwrite and output.exists():
-            shutil.rmtree(output)
-        first_stage = args.first_stage_tokens or None
-        factory = args.token_factory
-        if factory == "auto":
-            factory = _auto_factory(
-                len(select_tokens(outputs.token_mask, outputs.keep_weights, first_stage)[0])
-            )
-        regions = getattr(outputs, "region_tokens", None)
-        index = TokenIndex.create(
-            output, model, dim=outputs.tokens.shape[-1], num_regions=0 if regions is None else regions.shape[1],
-            codec=args.codec, first_stage_tokens=first_stage, rerank_tokens=args.rerank_tokens or None,
-            faiss_factory=factory, token_codes=not args.centroids_only,
-        )  # fmt: skip
-    index.add(outputs, ids).save()
-    sizes = index.nbytes()
-    print(f"wrote {output}: {index!r}; {sum(sizes.values()) / max(len(index), 1) / 1024:.1f} KiB per image")
+
+
+@contextlib.contextmanager
+def _staged(output: Path, main: bool) -> Iterator[Path]:
+    """A sibling folder `<OUTPUT>.partial` to build a new index in: moved to `output` (replacing the index
+    `--overwrite` replaces) when the block succeeds, removed when it fails, so an error leaves `output` as
+    it was. Only the main process moves and removes."""
+    staging = output.resolve().with_name(f"{output.resolve().name}.partial")
+    if staging.exists():
+        raise FileExistsError(
+            f"{str(staging)!r} exists (left by an interrupted build?): remove it, then index again"
+        )
+    try:
+        yield staging
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if main:
+        if output.exists():
+            shutil.rmtree(output)  # a token index (--overwrite) or an empty folder (_check_token_output)
+        os.replace(staging, output)
+
+
+@contextlib.contextmanager
+def _rolled_back_on_error(path: Path) -> Iterator[None]:
+    """Undo appends to the files of the index at `path` when the block fails: files are truncated to
+    their sizes before it, new ones removed (`TokenIndex.add` only appends; `save` writes the rest)."""
+    sizes = {file: file.stat().st_size for file in path.iterdir() if file.is_file()}
+    try:
+        yield
+    except BaseException:
+        for file in path.iterdir():
+            if file not in sizes and file.is_file():
+                file.unlink()
+            elif file in sizes and file.stat().st_size != sizes[file]:
+                os.truncate(file, sizes[file])
+        raise
+
+
+def _summary(index: Any) -> str:
+    """One line on a built token index: size, settings, bytes per image."""
+    meta, sizes = index.meta, index.nbytes()
+    return (
+        f"{len(index)} images, codec {meta['codec']}, first stage {meta['faiss_factory']!r} over "
+        f"{meta['first_stage_tokens'] or 'all'} tokens/image, centroids {index.quantizer_spec or 'none'}; "
+        f"{sum(sizes.values()) / max(len(index), 1) / 1024:.1f} KiB per image"
+    )
+
+
+def _run_token_index(args: argparse.Namespace) -> int:
+    """`granalign index --token-index`: stream the gallery into a `TokenIndex` chunk by chunk (the shared
+    encode path), in one process or sharded over the processes of `accelerate launch`."""
+    _check_token_options(args)
+    output = Path(args.output)
+    _check_token_output(args, output)
+    state = _process_state(args)
+    if state is not None and args.append:
+        raise ValueError(
+            f"--append adds to an index in one process, not {state.num_processes}: run it without "
+            "`accelerate launch` (a sharded build writes a new index)"
+        )
+    main = state is None or state.is_main_process
+    progress = not args.no_progress and main
+    model, processor = _load_model(args, None if state is None else str(state.device))
+    gallery = _token_gallery(args, model, processor, progress)
+    if args.append:
+        summary = _summary(_append(args, model, gallery, output, progress))
+    else:
+        with _staged(output, main) as path:
+            if state is None:
+                index = _build(args, model, gallery, path, progress)
+            else:
+                index = _build_sharded(args, model, gallery, path, state, progress)
+            summary = _summary(index) if main else ""
+    skipped = gallery.skipped
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        skipped = gather_object(skipped)
+    if main:
+        _report_skipped(skipped, gallery.size)
+        print(f"wrote {output}: {summary}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ commands
 
 
 def _is_token_index(path: str) -> bool:

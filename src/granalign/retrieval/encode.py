@@ -167,11 +167,13 @@ def encode_image_files(
     progress: bool = True,
     output_device: torch.device | str | None = "cpu",
     skip_bad: bool = False,
-) -> tuple[GranAlignImageOutput, list[Path], list[tuple[Path, str]]]:
+    allow_empty: bool = False,
+) -> tuple[GranAlignImageOutput | None, list[Path], list[tuple[Path, str]]]:
     """Encode image files → `(outputs, encoded, skipped)`: row `i` of `outputs` is file `encoded[i]`.
 
     A file that cannot be read raises `UnreadableImageError` naming it; with `skip_bad` it is left out of
-    `outputs` and `encoded` and listed in `skipped` as `(file, reason)` (a `ValueError` if no file is left).
+    `outputs` and `encoded` and listed in `skipped` as `(file, reason)` (a `ValueError` if no file is left,
+    or `outputs` None with `allow_empty`: one chunk of a gallery encoded chunk by chunk).
     """
     paths = [Path(f) for f in files]
     encoded: list[Path] = []
@@ -193,7 +195,7 @@ def encode_image_files(
     outputs = _encode_batches(
         model, len(paths), batch_size, "encode images", progress, encode_batch, output_device
     )
-    if outputs is None:
+    if outputs is None and not allow_empty:
         raise ValueError(
             f"none of the {len(paths)} image files can be read, e.g. {skipped[0][1]}; nothing to encode"
         )

@@ -58,9 +58,9 @@ The top `candidates` images of the first stage are re-ranked by the exact GRM sc
 (`rerank.pair_scores`, the one scoring kernel) on the stored tokens. With ``float32`` storage of every
 token and exhaustive first-stage parameters the result is the exhaustive ranking.
 
-Building streams (`add` appends chunks: tokens go straight to disk, only the FAISS training sample is
-buffered), indices are appendable (`TokenIndex.open(path).add(...)`) and can be built in shards, one per
-process, and merged (`train_first_stage`, `merge_token_indices`, `build_token_index_distributed`).
+Building streams (`add` / `add_chunks` append chunks: tokens go straight to disk, only the FAISS training
+sample is buffered), indices are appendable (`TokenIndex.open(path).add(...)`) and can be built in shards,
+one per process, and merged (`train_first_stage`, `merge_token_indices`, `build_token_index_distributed`).
 Needs faiss (the `retrieval` extra); the rest of `granalign.retrieval` works without it.
 
 Layout of the directory:
@@ -83,7 +83,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,10 @@ def plaid_nlist(num_embeddings: int) -> int:
     return 2 ** int(np.floor(np.log2(16 * np.sqrt(num_embeddings))))
 
 
+#: the smallest multi-index "auto" puts in place of an IVF quantizer (resolve_centroids)
+_AUTO_MIN_IMI_BITS = 8
+
+
 def _imi_bits(spec: str) -> int | None:
     """b of an "IMI2x<b>" spec (None for anything else)."""
     if not spec.startswith("IMI2x") or not spec[5:].isdigit():
@@ -177,7 +181,12 @@ def resolve_centroids(
 
     "auto": without `expected_items`, the IVF quantizer (as before this option existed); with it, the
     inverted multi-index closest below PLAID's `plaid_nlist(expected_items · first_stage_tokens)` cells
-    (`IMI2x<b>`, `4^b` cells, b <= 8) where that has more cells than the IVF's `ivf_nlist`, else the IVF.
+    (`IMI2x<b>`, `4^b` cells, b <= 8) where that is IMI2x8 (65,536 cells, from ~524k images at 32 tokens)
+    and has more cells than the IVF's `ivf_nlist`, else the IVF. With an IVF factory a smaller multi-index
+    is never chosen: measured against IVF1024 (benchmarks/README.md), IMI2x7 lost the target from the
+    shortlist for 7 % of queries at 100k (IVF: 1 %) and 3.3 R@1, and was no faster there; IMI2x8 kept
+    IVF1024's recall at 20k and cut the first stage's CPU 3x at 1M. Without an IVF factory (nothing else
+    to use), PLAID's multi-index of any size.
     """
     if centroids == "auto":
         if expected_items is not None and expected_items < 1:
@@ -186,7 +195,7 @@ def resolve_centroids(
             return "ivf" if ivf_nlist is not None else None
         tokens = expected_items * (first_stage_tokens or _AUTO_TOKENS)
         bits = min(8, int(np.log2(plaid_nlist(tokens))) // 2)
-        if ivf_nlist is not None and 4**bits <= ivf_nlist:
+        if ivf_nlist is not None and (bits < _AUTO_MIN_IMI_BITS or 4**bits <= ivf_nlist):
             return "ivf"
         return f"IMI2x{bits}" if bits >= 1 else ("ivf" if ivf_nlist is not None else None)
     if centroids == "ivf":
@@ -829,6 +838,14 @@ class TokenIndex:
         self.meta["num_items"] = len(self.ids)
         return self
 
+    def add_chunks(self, chunks: Iterable[tuple[Sequence[str], GranAlignImageOutput]]) -> TokenIndex:
+        """`add` each `(ids, outputs)` chunk as it comes: an iterator of encoded chunks is read one at a
+        time, each released before the next is read (the streamed build). Returns self, not saved."""
+        for ids, outputs in chunks:
+            self.add(outputs, ids)
+            del ids, outputs  # not held while the next chunk is encoded
+        return self
+
     @property
     def quantizer_spec(self) -> str | None:
         """The centroid first stage's quantizer: "ivf", "IMI2x<b>" or None (indices from before the
@@ -1460,6 +1477,38 @@ def merge_token_indices(shards: Sequence[str | os.PathLike], path: str | os.Path
     return merged.save()
 
 
+def _popped(items: list[Any]) -> Iterator[Any]:
+    """The items of a list, first to last, each removed from it as it is taken."""
+    while items:
+        yield items.pop(0)
+
+
+def _write_trained_start(
+    path: Path,
+    trained: Path,
+    stream: Iterable[tuple[Sequence[str], GranAlignImageOutput]],
+    create_kwargs: dict[str, Any],
+) -> list[tuple[Sequence[str], GranAlignImageOutput]]:
+    """Train the first stage of a sharded build on the first chunks of `stream` (up to `train_size`
+    vectors) and write it to `trained`; returns the chunks it read (added afterwards)."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = TokenIndex.create(path / "training", **create_kwargs)
+    held: list[tuple[Sequence[str], GranAlignImageOutput]] = []
+    if not probe._is_trained():
+        collected, limit = 0, probe.meta["first_stage_tokens"]
+        for ids, images in stream:
+            held.append((ids, images))
+            collected += len(select_tokens(images.token_mask, images.keep_weights, limit)[0])
+            if collected >= probe.meta["train_size"]:
+                break
+        from granalign.outputs_granalign import concat_image_outputs
+
+        probe.train_first_stage(concat_image_outputs([images for _, images in held]))
+    probe.write_trained(trained)
+    shutil.rmtree(path / "training")
+    return held
+
+
 def build_token_index_distributed(
     accelerator: Any,
     chunks: Callable[[int, int], Iterable[tuple[Sequence[str], GranAlignImageOutput]]],
@@ -1481,27 +1530,10 @@ def build_token_index_distributed(
     stream = iter(chunks(rank, world))
     held: list[tuple[Sequence[str], GranAlignImageOutput]] = []
     if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = TokenIndex.create(path / "training", **create_kwargs)
-        if not probe._is_trained():
-            collected = 0
-            for item in stream:
-                held.append(item)
-                images = item[1]
-                limit = probe.meta["first_stage_tokens"]
-                collected += len(select_tokens(images.token_mask, images.keep_weights, limit)[0])
-                if collected >= probe.meta["train_size"]:
-                    break
-            from granalign.outputs_granalign import concat_image_outputs
-
-            probe.train_first_stage(concat_image_outputs([images for _, images in held]))
-        probe.write_trained(trained)
-        shutil.rmtree(path / "training")
+        held = _write_trained_start(path, trained, stream, create_kwargs)
     accelerator.wait_for_everyone()
     index = TokenIndex.create(shard, trained=trained, **create_kwargs)
-    for ids, images in [*held, *stream]:
-        index.add(images, ids)
-    index.save()
+    index.add_chunks(_popped(held)).add_chunks(stream).save()
     accelerator.wait_for_everyone()
     merged = None
     if accelerator.is_main_process:
