@@ -682,6 +682,16 @@ def test_cli_token_index_option_errors_name_the_value(saved_model, tmp_path, mon
         expected = f"--centroids: unknown centroid quantizer '{spec}'; expected 'auto', 'ivf' or 'IMI2x<b>'"
         with pytest.raises(ValueError, match=expected):
             _cli([*build, "--centroids", spec])
+    regions = [
+        "index",
+        str(directory / "m"),
+        str(output),
+        "--token-index",
+        "--regions",
+        str(tmp_path / "r.npz"),
+    ]
+    with pytest.raises(ValueError, match="--skip-bad-images leaves out unreadable --images files"):
+        _cli([*regions, "--skip-bad-images"])  # not silently ignored
     assert not output.exists()
     output.mkdir()
     (output / "meta.json").write_text("{}")

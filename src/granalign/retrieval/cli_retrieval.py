@@ -392,6 +392,8 @@ def _check_token_options(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--{name.replace('_', '-')} must be >= 0 (0: all tokens), got {getattr(args, name)}"
             )
+    if getattr(args, "skip_bad_images", False) and not args.images:
+        raise ValueError("--skip-bad-images leaves out unreadable --images files: use it with --images")
     if args.chunk_size < 1:
         raise ValueError(
             f"--chunk-size must be >= 1 (images encoded and added at a time), got {args.chunk_size}"
