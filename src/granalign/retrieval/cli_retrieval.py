@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -273,11 +274,10 @@ def _nothing_to_index(gallery: _Gallery) -> ValueError:
 
 
 def _prepended(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    """`first`, then `rest`, without holding on to `first` once it is taken."""
-    held = [first]
-    del first
-    yield held.pop()
-    yield from rest
+    """`first`, then `rest`, without holding on to `first` once it is taken (multivector's `_popped`)."""
+    from granalign.retrieval.multivector import _popped
+
+    return itertools.chain(_popped([first]), rest)
 
 
 def _auto_factory(num_vectors: int) -> str:
