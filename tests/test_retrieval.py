@@ -4,6 +4,7 @@ the evaluation matrix, the gallery index on disk (dtype, ids, model revision) an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -696,9 +697,41 @@ def test_cli_token_index_option_errors_name_the_value(saved_model, tmp_path, mon
     output.mkdir()
     (output / "meta.json").write_text("{}")
     several = SimpleNamespace(num_processes=2, is_main_process=True, device="cpu")
-    monkeypatch.setattr(cli_retrieval, "_process_state", lambda args: several)
+    monkeypatch.setattr(cli_retrieval, "_process_state", lambda args: contextlib.nullcontext(several))
     with pytest.raises(ValueError, match="--append adds to an index in one process, not 2"):
         _cli([*build, "--append"])
+
+
+def test_launched_process_group_is_destroyed_however_the_build_ends(monkeypatch):
+    """A sharded build tears its process group down itself, on success and on error: left to the
+    interpreter's exit, gloo's threads can abort a process whose work is done."""
+    import accelerate
+
+    from granalign.retrieval import cli_retrieval
+
+    destroyed = []
+
+    class Launched:  # accelerate's PartialState in one of two launched processes
+        num_processes = 2
+
+        def __init__(self, cpu: bool) -> None:
+            pass
+
+        def destroy_process_group(self) -> None:
+            destroyed.append(True)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerate, "PartialState", Launched)
+    args = SimpleNamespace(device="cpu")
+    with cli_retrieval._process_state(args) as state:
+        assert isinstance(state, Launched)
+    assert destroyed == [True]
+    with pytest.raises(RuntimeError, match="encoding failed"), cli_retrieval._process_state(args):
+        raise RuntimeError("encoding failed")
+    assert destroyed == [True, True]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with cli_retrieval._process_state(args) as state:
+        assert state is None
 
 
 @pytest.mark.slow

@@ -357,12 +357,18 @@ def _build_sharded(
     return build_token_index_distributed(state, lambda rank, world: chunks, path, model=model, **settings[0])
 
 
-def _process_state(args: argparse.Namespace) -> Any:
+@contextlib.contextmanager
+def _process_state(args: argparse.Namespace) -> Iterator[Any]:
     """accelerate's `PartialState` when several processes were launched (`accelerate launch
-    --num_processes N`), else None; an error when accelerate does not see the launched processes."""
+    --num_processes N`), else None; an error when accelerate does not see the launched processes.
+
+    The process group is destroyed when the block ends, however it ends: left to the interpreter's exit,
+    gloo's worker threads are torn down in no set order and a process can abort ("terminate called
+    without an active exception") after its work is done, failing the launch."""
     launched = max(int(os.environ.get(name, "1")) for name in _WORLD_SIZE_VARIABLES)
     if launched <= 1:
-        return None
+        yield None
+        return
     try:
         from accelerate import PartialState
     except ImportError:
@@ -378,7 +384,10 @@ def _process_state(args: argparse.Namespace) -> Any:
             f"{launched} processes were launched, but accelerate runs {state.num_processes}: launch the "
             "sharded build with `accelerate launch --num_processes N -m granalign.cli index ...`"
         )
-    return state
+    try:
+        yield state
+    finally:
+        state.destroy_process_group()
 
 
 def _check_token_options(args: argparse.Namespace) -> None:
@@ -473,7 +482,12 @@ def _run_token_index(args: argparse.Namespace) -> int:
     _check_token_options(args)
     output = Path(args.output)
     _check_token_output(args, output)
-    state = _process_state(args)
+    with _process_state(args) as state:
+        return _token_index_in(args, output, state)
+
+
+def _token_index_in(args: argparse.Namespace, output: Path, state: Any) -> int:
+    """`_run_token_index` in the processes of `state` (None: this one alone)."""
     if state is not None and args.append:
         raise ValueError(
             f"--append adds to an index in one process, not {state.num_processes}: run it without "
