@@ -729,6 +729,11 @@ def test_launched_process_group_is_destroyed_however_the_build_ends(monkeypatch)
     with pytest.raises(RuntimeError, match="encoding failed"), cli_retrieval._process_state(args):
         raise RuntimeError("encoding failed")
     assert destroyed == [True, True]
+    monkeypatch.setenv("WORLD_SIZE", "3")  # accelerate sees 2 of 3 launched processes
+    mismatch = "3 processes were launched, but accelerate runs 2"
+    with pytest.raises(ValueError, match=mismatch), cli_retrieval._process_state(args):
+        pass
+    assert destroyed == [True, True, True]
     monkeypatch.setenv("WORLD_SIZE", "1")
     with cli_retrieval._process_state(args) as state:
         assert state is None

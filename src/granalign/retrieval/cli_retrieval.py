@@ -379,12 +379,12 @@ def _process_state(args: argparse.Namespace) -> Iterator[Any]:
     import torch
 
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    if state.num_processes != launched:
-        raise ValueError(
-            f"{launched} processes were launched, but accelerate runs {state.num_processes}: launch the "
-            "sharded build with `accelerate launch --num_processes N -m granalign.cli index ...`"
-        )
     try:
+        if state.num_processes != launched:
+            raise ValueError(
+                f"{launched} processes were launched, but accelerate runs {state.num_processes}: launch "
+                "the sharded build with `accelerate launch --num_processes N -m granalign.cli index ...`"
+            )
         yield state
     finally:
         state.destroy_process_group()
