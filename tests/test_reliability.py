@@ -146,16 +146,21 @@ def test_resume_with_more_epochs_recomputes_the_schedule():
     assert optimizer.param_groups[0]["lr"] == midway.optimizer.param_groups[0]["lr"]
 
 
-def test_training_into_another_runs_directory_is_refused_or_replaces_it(tmp_path):
+def test_training_into_another_runs_directory_is_refused_or_replaces_it(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
     from granalign.training.checkpoint import claim_output_dir
     from granalign.training.loop import train
 
+    ended = []
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: ended.append(self))
     (tmp_path / "final").mkdir()
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")  # not a run's file: never touched
     recipe = load_recipe("configs/tiny.yaml", [f"output_dir={tmp_path}"])
     with pytest.raises(FileExistsError, match=r"holds another run \(final, metrics.json\): pass --resume"):
         train(recipe)  # refused before any data is loaded
+    assert len(ended) == 1  # a failed run still ends its trackers and process group
     claim_output_dir(tmp_path, resume=True, overwrite=False)  # resuming it is fine
     assert (tmp_path / "final").is_dir()
     claim_output_dir(tmp_path, resume=False, overwrite=True)

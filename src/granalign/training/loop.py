@@ -110,6 +110,18 @@ def train(
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.find_unused_parameters)],
     )
+    try:
+        return _train_with(accelerator, recipe, resume, hub_callback)
+    finally:  # also when training raises: trackers flush what they logged, the process group goes
+        accelerator.end_training()
+
+
+def _train_with(
+    accelerator: Accelerator, recipe: Recipe, resume: bool | str | os.PathLike[str], hub_callback: Any
+) -> TrainResult:
+    """`train`'s body, run by the accelerator `train` built and ends."""
+    output_dir = Path(recipe.output_dir)
+    t = recipe.train
     show = t.progress_bar and accelerator.is_local_main_process
     claim_output_dir(output_dir, bool(resume), t.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -253,5 +265,4 @@ def train(
             result = finish_run(
                 recipe, accelerator, unwrapped, processor, test_split, state, output_dir, states["test"]
             )
-    accelerator.end_training()
     return result
