@@ -20,7 +20,9 @@ repeats the benchmark on other caption -> split hashes (`data.args.split_seed`),
 also gives each variant's paired difference to full GRM, split by split, as mean +- std over splits.
 `--folds` is 10-fold cross-validation instead (`data.args.fold`): the captions fall into 10 hash buckets,
 fold k tests on bucket k and selects on bucket k+1, so the folds' test splits are disjoint and together
-test every caption once; the tower outputs are cached per item, so every fold reuses them.
+test every caption once; the tower outputs are cached per item, so every fold reuses them. With more
+than one split the summary also gives each training seed's mean over all of them (with every fold, its
+cross-validated score), then mean +- std over seeds and whether that spread is apart from full GRM's.
 
 Prints the table (strict standard protocol, and with identical captions counted correct) and ends with
 `REAL_DATA grm_rsum=<mean> global_rsum=<mean> simple_rsum=<mean> minutes_per_run=<mean>`.
@@ -177,9 +179,10 @@ def _mean(rows: list[dict], variant: str, key: str = "rsum") -> float:
     return statistics.mean(means) if means else float("nan")
 
 
-def paired_differences(rows: list[dict], key: str = "rsum") -> str:
-    """Per variant, `key` minus full GRM's on the same split: mean ± std over splits, wins of full GRM."""
-    full = _split_means(rows, "full", key)
+def paired_differences(rows: list[dict], grm: str = "full", key: str = "rsum") -> str:
+    """Per variant, `key` minus full GRM's (variant `grm`) on the same split: mean ± std over splits,
+    and the splits where full GRM is ahead."""
+    full = _split_means(rows, grm, key)
     lines = [
         "| variant | splits | minus full GRM, mean ± std over splits | splits where full GRM is ahead |",
         "|---|---|---|---|",
@@ -187,7 +190,7 @@ def paired_differences(rows: list[dict], key: str = "rsum") -> str:
     for name in _variant_names(rows):
         other = _split_means(rows, name, key)
         shared = sorted(set(full) & set(other))
-        if name == "full" or not shared:
+        if name == grm or not shared:
             continue
         deltas = [other[split] - full[split] for split in shared]
         spread = f" ± {statistics.stdev(deltas):.1f}" if len(deltas) > 1 else ""
@@ -195,6 +198,45 @@ def paired_differences(rows: list[dict], key: str = "rsum") -> str:
         lines.append(
             f"| {name} | {shared} | {statistics.mean(deltas):+.1f}{spread} | {wins} of {len(shared)} |"
         )
+    return "\n".join(lines)
+
+
+def seed_means(rows: list[dict], variant: str, key: str = "rsum") -> dict[int, float]:
+    """Training seed -> its mean of `key` over the splits (a k-fold estimate with `--folds`), for the
+    seeds the variant ran on every one of its splits (repeated runs of a seed on a split are averaged)."""
+    by_seed: dict[int, dict[str, list[float]]] = {}
+    for row in rows:
+        if row["variant"] == variant:
+            by_seed.setdefault(row["seed"], {}).setdefault(_split_name(row), []).append(row[key])
+    splits = set().union(*by_seed.values()) if by_seed else set()
+    return {
+        seed: statistics.mean(statistics.mean(values) for values in by_split.values())
+        for seed, by_split in sorted(by_seed.items())
+        if set(by_split) == splits
+    }
+
+
+def seeds_over_splits(rows: list[dict], grm: str = "full", key: str = "rsum") -> str:
+    """Per variant, each training seed's mean over all splits, then mean ± std over those seeds, and
+    whether the mean ± std interval is apart from full GRM's (variant `grm`): with every fold of
+    `--folds`, each training seed's cross-validated score, every caption tested once."""
+    full = seed_means(rows, grm, key)
+    lines = [
+        "| variant | splits | per seed (mean over splits) | mean ± std over seeds | apart from full GRM |",
+        "|---|---|---|---|---|",
+    ]
+    for name in _variant_names(rows):
+        means = seed_means(rows, name, key)
+        if len(means) < 2:
+            continue
+        mean, std = statistics.mean(means.values()), statistics.stdev(means.values())
+        apart = "-"
+        if name != grm and len(full) > 1:
+            full_mean, full_std = statistics.mean(full.values()), statistics.stdev(full.values())
+            apart = "yes" if abs(full_mean - mean) > full_std + std else "no"
+        per_seed = " / ".join(f"{seed}: {value:.1f}" for seed, value in means.items())
+        splits = len({_split_name(row) for row in rows if row["variant"] == name})
+        lines.append(f"| {name} | {splits} | {per_seed} | {mean:.1f} ± {std:.1f} | {apart} |")
     return "\n".join(lines)
 
 
@@ -218,6 +260,11 @@ def main() -> None:
         "--label",
         help="name the trainer variants `<variant>[<label>]` in the rows (e.g. a run with --set changes), "
         "so one table compares them with the unlabelled runs; the REAL_DATA line then reads the labelled runs",
+    )
+    parser.add_argument(
+        "--global-label",
+        help="the label of the global dual encoder's rows in the comparison, if not --label's "
+        "(e.g. summarising GRM runs labelled L1 with global runs labelled L2 at another schedule)",
     )
     parser.add_argument("--output-dir", default="runs/real_data")
     parser.add_argument(
@@ -256,11 +303,16 @@ def main() -> None:
         f"seeds {sorted({row['seed'] for row in rows})}, mean ± std over all runs:"
     )
     print(summarise(rows))
+    # with --label L (running or summarising), the comparisons and the REAL_DATA line read the labelled
+    # runs: full[L], global_baseline[L] (or global_baseline[G] with --global-label G)
+    global_label = args.global_label or args.label
+    grm = f"full[{args.label}]" if args.label else "full"
+    baseline = f"global_baseline[{global_label}]" if global_label else "global_baseline"
     if len(names) > 1:
         print("\nPaired by split (test rSum):")
-        print(paired_differences(rows))
-    # with --label L (running or summarising), the line reads the labelled runs: full[L], global_baseline[L]
-    grm, baseline = (f"{name}[{args.label}]" if args.label else name for name in ("full", "global_baseline"))
+        print(paired_differences(rows, grm))
+        print("\nEach training seed over all the splits (test rSum), mean ± std over seeds:")
+        print(seeds_over_splits(rows, grm))
     grm_minutes = [row["wall_s"] / 60 for row in rows if row["variant"] == grm]
     print(
         f"REAL_DATA grm_rsum={_mean(rows, grm):.1f} global_rsum={_mean(rows, baseline):.1f} "
