@@ -313,7 +313,7 @@ def main() -> None:
         print(paired_differences(rows, grm))
         print("\nEach training seed over all the splits (test rSum), mean ± std over seeds:")
         print(seeds_over_splits(rows, grm))
-    grm_minutes = [row["wall_s"] / 60 for row in rows if row["variant"] == grm]
+    grm_minutes = [row["wall_s"] / 60 for row in rows if row["variant"] == grm and "wall_s" in row]
     print(
         f"REAL_DATA grm_rsum={_mean(rows, grm):.1f} global_rsum={_mean(rows, baseline):.1f} "
         f"simple_rsum={_mean(rows, 'simple_baseline'):.1f} "
