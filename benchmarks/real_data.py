@@ -204,23 +204,21 @@ def paired_differences(rows: list[dict], grm: str = "full", key: str = "rsum") -
 def seed_means(rows: list[dict], variant: str, key: str = "rsum") -> dict[int, float]:
     """Training seed -> its mean of `key` over the splits (a k-fold estimate with `--folds`), for the
     seeds the variant ran on every one of its splits (repeated runs of a seed on a split are averaged)."""
-    by_seed: dict[int, dict[str, list[float]]] = {}
-    for row in rows:
-        if row["variant"] == variant:
-            by_seed.setdefault(row["seed"], {}).setdefault(_split_name(row), []).append(row[key])
-    splits = set().union(*by_seed.values()) if by_seed else set()
-    return {
-        seed: statistics.mean(statistics.mean(values) for values in by_split.values())
-        for seed, by_split in sorted(by_seed.items())
-        if set(by_split) == splits
+    runs = [row for row in rows if row["variant"] == variant]
+    splits = {_split_name(row) for row in runs}
+    by_seed = {
+        seed: _split_means([row for row in runs if row["seed"] == seed], variant, key)
+        for seed in sorted({row["seed"] for row in runs})
     }
+    return {seed: statistics.mean(means.values()) for seed, means in by_seed.items() if set(means) == splits}
 
 
 def seeds_over_splits(rows: list[dict], grm: str = "full", key: str = "rsum") -> str:
     """Per variant, each training seed's mean over all splits, then mean ± std over those seeds, and
     whether the mean ± std interval is apart from full GRM's (variant `grm`): with every fold of
     `--folds`, each training seed's cross-validated score, every caption tested once."""
-    full = seed_means(rows, grm, key)
+    full = list(seed_means(rows, grm, key).values())
+    full_mean, full_std = (statistics.mean(full), statistics.stdev(full)) if len(full) > 1 else (None, None)
     lines = [
         "| variant | splits | per seed (mean over splits) | mean ± std over seeds | apart from full GRM |",
         "|---|---|---|---|---|",
@@ -231,8 +229,7 @@ def seeds_over_splits(rows: list[dict], grm: str = "full", key: str = "rsum") ->
             continue
         mean, std = statistics.mean(means.values()), statistics.stdev(means.values())
         apart = "-"
-        if name != grm and len(full) > 1:
-            full_mean, full_std = statistics.mean(full.values()), statistics.stdev(full.values())
+        if name != grm and full_mean is not None:
             apart = "yes" if abs(full_mean - mean) > full_std + std else "no"
         per_seed = " / ".join(f"{seed}: {value:.1f}" for seed, value in means.items())
         splits = len({_split_name(row) for row in rows if row["variant"] == name})
