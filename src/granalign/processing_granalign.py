@@ -399,6 +399,16 @@ def to_rgb_pil(image: Any, data_format: Any = None) -> Image.Image:
 
 # ------------------------------------------------------------------------------------- processor
 
+# Stands for the image processor a tokenizer-only processor does not load (see `_resolve_subprocessors`).
+_NOT_LOADED = object()
+
+
+def _set_max_length(loaded: Any, max_length: int | None) -> Any:
+    """A loaded processor (or `(processor, unused_kwargs)`) with `max_length` set, when it is given."""
+    if max_length is not None:
+        (loaded[0] if isinstance(loaded, tuple) else loaded).max_length = max_length
+    return loaded
+
 
 class GranAlignProcessor(ProcessorMixin):
     """Tokenizer + image processor (optional) for GranAlign.
@@ -451,20 +461,66 @@ class GranAlignProcessor(ProcessorMixin):
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "max_length": self.max_length}
 
+    # -- loading ----------------------------------------------------------------------------------------
+    # `from_pretrained` reads processor_config.json, loads the sub-processors, then builds the processor.
+    # transformers <= 5.24 does the last two through `_get_arguments_from_pretrained` + `from_args_and_dict`,
+    # 5.25 through `_resolve_subprocessors` + `from_dict`; each pair is overridden the same way: a saved
+    # `"image_processor": null` loads no image processor, `max_length` is this processor's setting (not the
+    # tokenizer's), and the tokenizer's vocabulary is checked.
+
     @classmethod
     def from_args_and_dict(cls, args: Any, processor_dict: dict[str, Any], **kwargs: Any):
-        """As ProcessorMixin's, plus the saved (or overriding) `max_length`."""
+        """As ProcessorMixin's (transformers <= 5.24), plus the saved (or overriding) `max_length`."""
         max_length = kwargs.pop("max_length", processor_dict.get("max_length"))
-        loaded = super().from_args_and_dict(args, processor_dict, **kwargs)
+        return _set_max_length(super().from_args_and_dict(args, processor_dict, **kwargs), max_length)
+
+    @classmethod
+    def from_dict(cls, processor_dict: dict[str, Any], **kwargs: Any):
+        """As ProcessorMixin's (transformers >= 5.25), plus the saved (or overriding) `max_length`."""
+        max_length = kwargs.pop("max_length", processor_dict.get("max_length"))
+        return _set_max_length(super().from_dict(processor_dict, **kwargs), max_length)
+
+    @classmethod
+    def _get_arguments_from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        processor_dict: dict | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        kwargs.pop("max_length", None)  # this processor's setting, not the tokenizer's
+        if (processor_dict or {}).get("image_processor", "absent") is None:
+            arguments = [None, AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)]
+        else:
+            arguments = super()._get_arguments_from_pretrained(
+                pretrained_model_name_or_path, processor_dict, **kwargs
+            )
+        _check_vocabulary(arguments[-1], pretrained_model_name_or_path)
+        return arguments
+
+    @classmethod
+    def _resolve_subprocessors(
+        cls, pretrained_model_name_or_path: str | os.PathLike, processor_dict: dict, **kwargs: Any
+    ) -> tuple[dict, dict]:
+        max_length = kwargs.pop("max_length", None)
+        tokenizer_only = processor_dict.get("image_processor", "absent") is None
+        if tokenizer_only and kwargs.get("image_processor") is None:
+            kwargs["image_processor"] = _NOT_LOADED  # ProcessorMixin keeps a passed sub-processor as it is
+        processor_dict, kwargs = super()._resolve_subprocessors(
+            pretrained_model_name_or_path, processor_dict, **kwargs
+        )
+        if processor_dict.get("image_processor") is _NOT_LOADED:
+            processor_dict["image_processor"] = None
+        _check_vocabulary(processor_dict["tokenizer"], pretrained_model_name_or_path)
         if max_length is not None:
-            (loaded[0] if isinstance(loaded, tuple) else loaded).max_length = max_length
-        return loaded
+            kwargs["max_length"] = max_length
+        return processor_dict, kwargs
 
     # -- optional image processor -------------------------------------------------------------------
     # ProcessorMixin has no notion of an optional sub-processor: it derives the attribute list
     # ["image_processor", "tokenizer"] from the `__init__` signature, type-checks every one (None fails),
-    # calls methods on each when saving, and loads each with its Auto class. These three overrides let
-    # `image_processor=None` through; processor_config.json then holds `"image_processor": null`.
+    # calls methods on each when saving, and loads each with its Auto class. These two overrides and the
+    # loading ones above let `image_processor=None` through; processor_config.json then holds
+    # `"image_processor": null`.
 
     def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
         if argument_name == "image_processor" and argument is None:
@@ -494,23 +550,6 @@ class GranAlignProcessor(ProcessorMixin):
                 raise  # granalign is there but broken: say so rather than push a different card
             return super().push_to_hub(repo_id, **kwargs)
         return push_processor_to_hub(self, repo_id, **kwargs)
-
-    @classmethod
-    def _get_arguments_from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        processor_dict: dict | None = None,
-        **kwargs: Any,
-    ) -> list[Any]:
-        kwargs.pop("max_length", None)  # this processor's setting, not the tokenizer's
-        if (processor_dict or {}).get("image_processor", "absent") is None:
-            arguments = [None, AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)]
-        else:
-            arguments = super()._get_arguments_from_pretrained(
-                pretrained_model_name_or_path, processor_dict, **kwargs
-            )
-        _check_vocabulary(arguments[-1], pretrained_model_name_or_path)
-        return arguments
 
     # -- inputs ---------------------------------------------------------------------------------------
 
