@@ -682,6 +682,15 @@ def test_regions_of_the_wrong_type(region_processor):
         region_processor(regions=np.array([["a", "b"]]))
 
 
+def test_complex_regions_are_an_error_not_their_real_part(region_processor):
+    with pytest.raises(TypeError, match=r"regions\[0\] has dtype complex64; expected a real numeric array"):
+        region_processor(regions=[np.ones((2, 3), np.complex64)])
+    with pytest.raises(
+        TypeError, match=r"`regions` has dtype torch.complex64; expected a real numeric tensor"
+    ):
+        region_processor(regions=torch.ones(2, 3, dtype=torch.complex64))
+
+
 def test_region_and_box_counts_that_differ(region_processor):
     regions = [np.ones((2, 3)), np.ones((3, 3))]
     with pytest.raises(ValueError, match=r"region_boxes\[1\] has 2 boxes but regions\[1\] has 3 regions"):

@@ -26,8 +26,13 @@ from granalign.training.recipe import load_recipe
 
 TINY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 CLEAR_ERRORS = (ValueError, OSError)
+# derandomize: the same examples on every run, so CI is deterministic (a case that once failed at random,
+# complex-valued regions, now has its own test in test_processor.py)
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 scalars = st.one_of(

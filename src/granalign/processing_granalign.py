@@ -189,10 +189,13 @@ def _float_arrays(value: Any, name: str) -> list[np.ndarray]:
         )
     arrays = []
     for index, (item, label) in enumerate(zip(items, labels, strict=True)):
+        # real numbers only: float32 would silently drop a complex value's imaginary part
+        if isinstance(item, torch.Tensor) and item.is_complex():
+            raise TypeError(f"{label} has dtype {item.dtype}; expected a real numeric tensor.")
         if isinstance(item, torch.Tensor):
             item = item.detach().cpu().float().numpy()
-        if isinstance(item, np.ndarray) and not (np.issubdtype(item.dtype, np.number) or item.dtype == bool):
-            raise TypeError(f"{label} has dtype {item.dtype}; expected a numeric array.")
+        if isinstance(item, np.ndarray) and item.dtype.kind not in "biuf":
+            raise TypeError(f"{label} has dtype {item.dtype}; expected a real numeric array.")
         if not isinstance(item, (np.ndarray, list, tuple)):
             raise TypeError(
                 f"{label} is a {type(item).__name__}; expected a numpy array, torch tensor or nested list."
