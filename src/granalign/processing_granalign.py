@@ -190,9 +190,9 @@ def _float_arrays(value: Any, name: str) -> list[np.ndarray]:
     arrays = []
     for index, (item, label) in enumerate(zip(items, labels, strict=True)):
         # real numbers only: float32 would silently drop a complex value's imaginary part
-        if isinstance(item, torch.Tensor) and item.is_complex():
-            raise TypeError(f"{label} has dtype {item.dtype}; expected a real numeric tensor.")
         if isinstance(item, torch.Tensor):
+            if item.is_complex():
+                raise TypeError(f"{label} has dtype {item.dtype}; expected a real numeric tensor.")
             item = item.detach().cpu().float().numpy()
         if isinstance(item, np.ndarray) and item.dtype.kind not in "biuf":
             raise TypeError(f"{label} has dtype {item.dtype}; expected a real numeric array.")
@@ -406,6 +406,11 @@ def to_rgb_pil(image: Any, data_format: Any = None) -> Image.Image:
 _NOT_LOADED = object()
 
 
+def _saved_without_image_processor(processor_dict: dict | None) -> bool:
+    """Whether a processor_config.json dict is a tokenizer-only processor's (`"image_processor": null`)."""
+    return (processor_dict or {}).get("image_processor", "absent") is None
+
+
 def _set_max_length(loaded: Any, max_length: int | None) -> Any:
     """A loaded processor (or `(processor, unused_kwargs)`) with `max_length` set, when it is given."""
     if max_length is not None:
@@ -491,7 +496,7 @@ class GranAlignProcessor(ProcessorMixin):
         **kwargs: Any,
     ) -> list[Any]:
         kwargs.pop("max_length", None)  # this processor's setting, not the tokenizer's
-        if (processor_dict or {}).get("image_processor", "absent") is None:
+        if _saved_without_image_processor(processor_dict):
             arguments = [None, AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)]
         else:
             arguments = super()._get_arguments_from_pretrained(
@@ -505,8 +510,7 @@ class GranAlignProcessor(ProcessorMixin):
         cls, pretrained_model_name_or_path: str | os.PathLike, processor_dict: dict, **kwargs: Any
     ) -> tuple[dict, dict]:
         max_length = kwargs.pop("max_length", None)
-        tokenizer_only = processor_dict.get("image_processor", "absent") is None
-        if tokenizer_only and kwargs.get("image_processor") is None:
+        if _saved_without_image_processor(processor_dict) and kwargs.get("image_processor") is None:
             kwargs["image_processor"] = _NOT_LOADED  # ProcessorMixin keeps a passed sub-processor as it is
         processor_dict, kwargs = super()._resolve_subprocessors(
             pretrained_model_name_or_path, processor_dict, **kwargs
