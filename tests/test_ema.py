@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tiny_configs import MICRO_RECIPE
 
 from granalign.training.checkpoint import find_latest_checkpoint
-from granalign.training.ema import WeightEMA
+from granalign.training.ema import WeightEMA, num_updates_until_decay
 from granalign.training.loop import train
 from granalign.training.recipe import recipe_from_dict
 
@@ -43,6 +43,42 @@ def test_ema_follows_the_warmed_up_reference_and_swaps_weights_in_and_back() -> 
         WeightEMA(model, 1.0)
 
 
+def test_bias_corrected_ema_is_the_normalised_exponential_average_of_the_updates_so_far() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ema = WeightEMA(model, decay=0.95, warmup="bias_correction")
+    history = []
+    for _ in range(40):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        history.append(model.weight.detach().clone())
+        ema.update(model)
+        weights = torch.tensor([0.95 ** (len(history) - 1 - s) for s in range(len(history))])
+        expected = sum(w * h for w, h in zip(weights, history, strict=True)) / weights.sum()
+        torch.testing.assert_close(ema.shadow["weight"], expected)  # the initial weights never count
+    assert ema.current_decay() == pytest.approx(1 - 0.05 / (1 - 0.95**41))  # tends to 0.95
+    restored = WeightEMA(model, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert (restored.warmup, restored.decay, restored.current_decay()) == (
+        "bias_correction",
+        0.95,
+        ema.current_decay(),
+    )
+    with pytest.raises(ValueError, match=r"EMA warm-up must be one of .* got 'linear'"):
+        WeightEMA(model, 0.9, warmup="linear")
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9, 0.98, 0.99, 0.995])
+def test_num_updates_until_decay_is_where_the_warm_up_reaches_the_decay(decay: float) -> None:
+    ema = WeightEMA(torch.nn.Linear(1, 1), decay)
+    holds = num_updates_until_decay(decay, "num_updates")
+    ema.num_updates = holds
+    assert ema.current_decay() == decay
+    ema.num_updates = holds - 1
+    assert ema.current_decay() < decay
+    assert num_updates_until_decay(decay, "bias_correction") == 0
+
+
 def _recipe(output_dir: Path, **train_overrides):
     data = json.loads(json.dumps(MICRO_RECIPE))
     data["output_dir"] = str(output_dir)
@@ -70,3 +106,14 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path: Path) -> None:
     assert all(torch.equal(whole[key], split[key]) for key in whole)
     with pytest.raises(ValueError, match=r"train.ema_decay must be in \(0, 1\) or null, got 1.5"):
         _recipe(tmp_path / "bad", ema_decay=1.5).validate()
+    with pytest.raises(ValueError, match=r"train\.ema_warmup"):
+        _recipe(tmp_path / "bad", ema_warmup="linear")
+
+
+def test_bias_corrected_ema_run_resumes_exactly(tmp_path: Path) -> None:
+    whole = train(_recipe(tmp_path / "whole", ema_warmup="bias_correction", save_checkpoints=False))
+    assert train(_recipe(tmp_path / "split", ema_warmup="bias_correction", max_steps=13)).interrupted
+    resumed = train(_recipe(tmp_path / "split", ema_warmup="bias_correction"), resume=True)
+    assert resumed.test_metrics["metrics"] == pytest.approx(whole.test_metrics["metrics"])
+    plain = train(_recipe(tmp_path / "plain", save_checkpoints=False))
+    assert plain.test_metrics["metrics"] != pytest.approx(whole.test_metrics["metrics"])  # another average

@@ -38,7 +38,7 @@ from granalign.training.checkpoint import (
     warn_recipe_changes,
 )
 from granalign.training.collate import AlignmentCollator, EpochPermutationSampler
-from granalign.training.ema import WeightEMA
+from granalign.training.ema import WeightEMA, num_updates_until_decay
 from granalign.training.optim import LRSchedule, build_optimizer, build_scheduler
 from granalign.training.recipe import RECIPE_FILE, Recipe, save_recipe
 from granalign.training.selection import TrainResult, evaluate_dev, finish_run
@@ -166,9 +166,16 @@ def _train_with(
         f"{steps_per_epoch} steps/epoch x {t.epochs} epochs"
     )
 
-    ema = WeightEMA(model, t.ema_decay) if t.ema_decay is not None else None
+    ema = WeightEMA(model, t.ema_decay, t.ema_warmup) if t.ema_decay is not None else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)  # a resumed run continues the same average
+        total = min(steps_per_epoch * t.epochs, t.max_steps or math.inf)
+        holds = num_updates_until_decay(ema.decay, ema.warmup)
+        never = "; it never holds in this run (ema_warmup=bias_correction holds it from the start)"
+        accelerator.print(
+            f"moving average of the weights: decay {ema.decay} from update {holds} of {total} "
+            f"(train.ema_warmup={ema.warmup}){never if holds >= total else ''}"
+        )
     state = TrainerState(num_bad_rows=num_bad)
     recover_directory(output_dir / "best")
     checkpoint = resolve_resume(resume, output_dir)

@@ -134,6 +134,9 @@ class TrainRecipe:
     early_stopping_patience: int | None = None  # stop after this many dev evaluations without a new best
     # evaluate, select and save an exponential moving average of the trainable weights (e.g. 0.99)
     ema_decay: float | None = None
+    # when ema_decay starts to hold (granalign.training.ema): "num_updates" = min(d, (1+t)/(10+t)), which
+    # reaches 0.98 only after 440 steps; "bias_correction" = d from the first step, Adam-style normalised
+    ema_warmup: Literal["num_updates", "bias_correction"] = "num_updates"
     save_total_limit: int = 1  # keep the newest N epoch/step checkpoints (resume needs 1)
     save_checkpoints: bool = True  # false: write only best/ and final/ (no resume)
     # replace another run found in output_dir (its checkpoints, best/, final/, metrics); without it, or
