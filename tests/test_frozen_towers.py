@@ -339,3 +339,59 @@ def test_global_level_adds_the_embedding_cosine_to_the_score_and_the_loss_and_th
         torch.testing.assert_close(pair_scores(model, images, texts, rows, cols), expected[rows, cols])
     loss = model.train()(**image_inputs("vit", batch=4), **text_inputs(batch=4), return_loss=True)
     assert "contrastive_global" in loss.loss_terms
+
+
+def test_cached_flips_read_the_mirror_images_states_seeded_per_item(tmp_path, micro_splits) -> None:
+    from PIL import ImageOps
+
+    recipe, split = micro_splits
+    processor = build_processor(recipe.model, split)
+    model = tiny_model("vit").eval()
+    model.text_model.resize_token_embeddings(len(processor.tokenizer))
+    images = cache_image_states(model, processor, split, tmp_path, "float32", progress=False)
+    mirrored = cache_image_states(model, processor, split, tmp_path, "float32", progress=False, mirrored=True)
+    assert mirrored.path == images.path and mirrored.encoded == len(split)  # same store, other items
+    again = cache_image_states(model, processor, split, tmp_path, "float32", progress=False, mirrored=True)
+    assert again.encoded == 0
+    pixels = processor(images=[ImageOps.mirror(im) for im in split[:3]["image"]], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.vision_tower_states(pixels["pixel_values"])
+    torch.testing.assert_close(mirrored.batch([0, 1, 2])[0], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(images.batch([0])[0], mirrored.batch([0])[0])
+
+    pairs = CaptionPairDataset(split, seed=3, load_images=False, cached_flip_prob=0.5)
+    flags = [pairs[i]["flipped"] for i in range(len(pairs))]
+    assert 0 < sum(flags) < len(flags) and flags == [pairs[i]["flipped"] for i in range(len(pairs))]
+    pairs.set_epoch(1)
+    assert flags != [pairs[i]["flipped"] for i in range(len(pairs))]  # a new draw each epoch
+    first_flipped, first_plain = flags.index(True), flags.index(False)
+    pairs.set_epoch(0)
+    items = [pairs[first_flipped], pairs[first_plain]]
+    collate = AlignmentCollator(processor, image_states=images, mirrored_image_states=mirrored)
+    got = collate(items)["vision_hidden_states"]
+    torch.testing.assert_close(got[0], mirrored.batch([items[0]["image_index"]])[0][0])
+    torch.testing.assert_close(got[1], images.batch([items[1]["image_index"]])[0][0])
+    with pytest.raises(ValueError, match="no mirrored image states"):
+        AlignmentCollator(processor, image_states=images)(items)
+    with pytest.raises(ValueError, match="needs load_images=False"):
+        CaptionPairDataset(split, cached_flip_prob=0.5)
+
+
+def test_training_with_cached_flips_caches_the_training_mirror_images_only(tmp_path) -> None:
+    import json
+
+    from granalign.training.tower_cache import image_keys
+
+    recipe = _micro(tmp_path, epochs=1)
+    thawed = {**recipe, "model": {**recipe["model"], "freeze_vision_tower": False}}
+    with pytest.raises(ValueError, match=r"augment\.cache_flipped_images .* model\.freeze_vision_tower"):
+        recipe_from_dict({**thawed, "augment": {"cache_flipped_images": True}}).validate()
+    recipe["augment"] = {"cache_flipped_images": True, "horizontal_flip_prob": 0.5}
+    parsed = recipe_from_dict(recipe)
+    train(parsed)
+    (store,) = (tmp_path / "cache").glob("image-*")
+    stored = {key for shard in store.glob("shard-*") for key in json.loads((shard / "keys.json").read_text())}
+    splits = load_recipe_splits(parsed.data)[:3]
+    train_keys, *other_keys = (set(image_keys(split)) for split in splits)
+    assert {key for key in stored if key.startswith("mirror:")} == {f"mirror:{key}" for key in train_keys}
+    assert {key for key in stored if not key.startswith("mirror:")} == train_keys.union(*other_keys)

@@ -207,7 +207,8 @@ def skip_bad_rows(split: Dataset, skip: bool) -> tuple[Dataset, int]:
 def build_train_pairs(recipe: Recipe, split: Dataset, processor: Any) -> CaptionPairDataset:
     """The augmented (image, caption) training pairs of `split` as the recipe's `augment` section says."""
     aug = recipe.augment
-    # A frozen tower's outputs are cached once per item: its side trains without augmentation.
+    # A frozen tower's outputs are cached once per item: its side trains without augmentation, except
+    # for a cached mirror image (augment.cache_flipped_images).
     images_cached = recipe.model.freeze_vision_tower and processor.image_processor is not None
     image_aug = None
     if processor.image_processor is not None and not images_cached:
@@ -225,6 +226,7 @@ def build_train_pairs(recipe: Recipe, split: Dataset, processor: Any) -> Caption
             aug.caption_replace_frac,
             aug.caption_delete_frac,
         )
+    cached_flip_prob = aug.horizontal_flip_prob if images_cached and aug.cache_flipped_images else 0.0
     return CaptionPairDataset(
         split,
         image_aug,
@@ -232,4 +234,5 @@ def build_train_pairs(recipe: Recipe, split: Dataset, processor: Any) -> Caption
         aug.flip_swaps_left_right,
         seed=recipe.seed,
         load_images=not images_cached,
+        cached_flip_prob=cached_flip_prob,
     )

@@ -32,10 +32,12 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         flip_swaps_left_right: after a horizontal flip, swap the words "left"/"right" of the caption.
         seed: the augmentation seed; `set_epoch` selects the epoch.
         load_images: False when the images come from a frozen tower's cache (items then carry no image).
+        cached_flip_prob: with `load_images=False`, the probability that an item takes its image's cached
+            mirror image (`flipped: True` in the item; the collator reads that view).
 
     Items are dicts with `caption`, `caption_index` (flat, row order), `caption_id` (the same for
     identical caption strings, case and spacing ignored), `image_index` (row) and `image` (PIL) or
-    `region_features` (`[N, D]` float32, plus `region_boxes` when the split has them).
+    `region_features` (`[N, D]` float32, plus `region_boxes` when the split has them), or `flipped`.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         flip_swaps_left_right: bool = False,
         seed: int = 0,
         load_images: bool = True,
+        cached_flip_prob: float = 0.0,
     ) -> None:
         columns = set(split.column_names)
         if "captions" not in columns or ("image" in columns) == ("region_features" in columns):
@@ -62,6 +65,9 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         self.flip_swaps_left_right = flip_swaps_left_right
         self.seed = seed
         self.load_images = load_images
+        if cached_flip_prob and load_images:
+            raise ValueError("cached_flip_prob flips cached images: it needs load_images=False")
+        self.cached_flip_prob = cached_flip_prob
         self.epoch = 0
         self.captions: list[str] = []
         self.rows: list[int] = []
@@ -100,6 +106,10 @@ class CaptionPairDataset(torch.utils.data.Dataset):
                 if flipped and self.flip_swaps_left_right:
                     caption = swap_left_right(caption)
             item["image"] = image
+        elif self.cached_flip_prob:
+            item["flipped"] = rng.random() < self.cached_flip_prob
+            if item["flipped"] and self.flip_swaps_left_right:
+                caption = swap_left_right(caption)
         if self.caption_augmenter is not None:
             caption = self.caption_augmenter(caption, rng)
         item["caption"] = caption
@@ -115,6 +125,8 @@ class AlignmentCollator:
         padding: caption padding, "longest" (fastest) or "max_length" (fixed shapes).
         image_states, text_states: frozen towers' cached outputs (`TowerStates`); the batch then holds
             `vision_hidden_states` (by image row) / `text_hidden_states` + `attention_mask` (by caption).
+        mirrored_image_states: the cached outputs for the images' mirror images, read for items marked
+            `flipped`.
     """
 
     def __init__(
@@ -123,23 +135,36 @@ class AlignmentCollator:
         padding: str = "longest",
         image_states: Any = None,
         text_states: Any = None,
+        mirrored_image_states: Any = None,
     ) -> None:
         self.processor = processor
         self.padding = padding
         self.image_states = image_states
         self.text_states = text_states
+        self.mirrored_image_states = mirrored_image_states
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not items:
             raise ValueError("cannot collate an empty batch")
         out = self._caption_inputs(items)
         if self.image_states is not None:
-            out["vision_hidden_states"], _ = self.image_states.batch([item["image_index"] for item in items])
+            out["vision_hidden_states"] = self._cached_images(items)
         else:
             out.update(self._image_inputs(items))
         out["image_ids"] = torch.tensor([item["image_index"] for item in items], dtype=torch.long)
         out["caption_ids"] = torch.tensor([item["caption_id"] for item in items], dtype=torch.long)
         return out
+
+    def _cached_images(self, items: list[dict[str, Any]]) -> torch.Tensor:
+        """`[B, L, h]` cached image states; items marked `flipped` get their mirror image's."""
+        states, _ = self.image_states.batch([item["image_index"] for item in items])
+        flipped = [i for i, item in enumerate(items) if item.get("flipped")]
+        if flipped:
+            if self.mirrored_image_states is None:
+                raise ValueError("items are marked flipped but the collator has no mirrored image states")
+            mirrored, _ = self.mirrored_image_states.batch([items[i]["image_index"] for i in flipped])
+            states[flipped] = mirrored
+        return states
 
     def _caption_inputs(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.text_states is not None:

@@ -56,11 +56,13 @@ def _frozen_tower_states(
     The main process computes a missing cache first; the others then read it."""
     m = recipe.model
     frozen_vision = m.freeze_vision_tower and model.vision_model is not None
+    flips = frozen_vision and recipe.augment.cache_flipped_images and recipe.augment.horizontal_flip_prob > 0
     if frozen_vision or m.freeze_text_tower:
         accelerator.print(
             "caching the outputs of the frozen "
             + " and ".join(n for n, f in (("vision", frozen_vision), ("text", m.freeze_text_tower)) if f)
             + " tower(s); their side trains without augmentation"
+            + (" but the training images' cached mirror images" if flips else "")
         )
     out = {}
     with accelerator.main_process_first():
@@ -74,6 +76,7 @@ def _frozen_tower_states(
                 m.tower_cache_dir,
                 m.tower_cache_dtype,
                 progress=recipe.train.progress_bar and accelerator.is_local_main_process,
+                mirrored=flips and name == "train",
             )
     return out
 
@@ -141,7 +144,11 @@ def _train_with(
         batch_size=t.batch_size,
         sampler=sampler,
         collate_fn=AlignmentCollator(
-            processor, recipe.data.padding, states["train"].images, states["train"].texts
+            processor,
+            recipe.data.padding,
+            states["train"].images,
+            states["train"].texts,
+            states["train"].mirrored_images,
         ),
         num_workers=recipe.data.num_workers,
         drop_last=recipe.data.drop_last,

@@ -98,6 +98,9 @@ class AugmentRecipe:
     image_crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # RandomResizedCrop aspect range
     horizontal_flip_prob: float = 0.5
     flip_swaps_left_right: bool = False  # swap the words "left"/"right" in the caption of a flipped image
+    # with a frozen vision tower, also cache each training image's mirror image: an item takes that view
+    # with horizontal_flip_prob (the frozen side's only augmentation; its cache then holds two views)
+    cache_flipped_images: bool = False
 
 
 @dataclass

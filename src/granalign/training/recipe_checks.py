@@ -109,6 +109,11 @@ def _check_augment(recipe: Recipe) -> None:
     if not 0.0 < low <= high:
         raise _error(f"augment.image_crop_ratio must satisfy 0 < low <= high, got {list(a.image_crop_ratio)}")
     _unit("augment.horizontal_flip_prob", a.horizontal_flip_prob)
+    if a.cache_flipped_images and not recipe.model.freeze_vision_tower:
+        raise _error(
+            "augment.cache_flipped_images caches views of a frozen vision tower; set "
+            "model.freeze_vision_tower: true, or leave it false (a trained tower flips the pixels itself)"
+        )
 
 
 def _check_optim(recipe: Recipe) -> None:

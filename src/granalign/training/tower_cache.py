@@ -10,7 +10,9 @@ renamed, so a killed run never leaves a half shard. The fingerprint hashes the t
 preprocessing (tokenizer vocabulary and length, or the image processor's settings) and the storage dtype,
 so a changed tower or processor never reads a stale cache. An item's key is the SHA-256 of its content (the
 caption string, or the image file's bytes): any split, fold or dataset that holds an item already in the
-store reuses its states, and only new items are encoded (into a new shard).
+store reuses its states, and only new items are encoded (into a new shard). An image's mirror image
+(`augment.cache_flipped_images`, a training view) is another item of the same store, keyed
+`mirror:<key>`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
+from PIL import ImageOps
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -95,10 +98,12 @@ class TowerStates:
 
 @dataclass
 class SplitStates:
-    """The caches of one split: images by row, captions in row order (`None` for a trainable tower)."""
+    """The caches of one split: images by row, captions in row order (`None` for a trainable tower), and
+    the images' mirror images by row when the split trains with cached flips."""
 
     images: TowerStates | None = None
     texts: TowerStates | None = None
+    mirrored_images: TowerStates | None = None
 
 
 def _hash_module(digest: Any, module: torch.nn.Module) -> None:
@@ -274,9 +279,11 @@ def cache_image_states(
     dtype: str = "float16",
     batch_size: int = 32,
     progress: bool = True,
+    mirrored: bool = False,
 ) -> TowerStates:
     """The vision tower's outputs for every image of `split` (as the processor prepares them), from the
-    item store: images already there (from any split or dataset) are not encoded again."""
+    item store: images already there (from any split or dataset) are not encoded again. With `mirrored`,
+    the outputs for each image's horizontal mirror image instead (keys `mirror:<key>`)."""
     if "image" not in split.column_names:
         raise ValueError(f"caching vision states needs an 'image' column, got {split.column_names}")
     if len(split) == 0:
@@ -286,20 +293,22 @@ def cache_image_states(
     if model.config.vision_tuned_blocks:
         settings["vision_tuned_blocks"] = model.config.vision_tuned_blocks
     store = _store(cache_dir, "image", _fingerprint("image", model.vision_model, settings, [], dtype))
-    keys = image_keys(split)
+    keys = [f"mirror:{key}" for key in image_keys(split)] if mirrored else image_keys(split)
     first_row = {key: row for row, key in reversed(list(enumerate(keys)))}
     device = _device(model)
+    view = ImageOps.mirror if mirrored else (lambda image: image)
 
     def encode(missing: list[str]) -> tuple[Iterator, int, int]:
         rows = [first_row[key] for key in missing]
-        probe = processor(images=[split[rows[0]]["image"]], return_tensors="pt")["pixel_values"]
+        probe = processor(images=[view(split[rows[0]]["image"])], return_tensors="pt")["pixel_values"]
         with _eval_mode(model.vision_model):
             length, hidden = model.vision_tower_states(probe.to(device)).shape[1:]
 
         def batches() -> Iterator:
-            with _eval_mode(model.vision_model), _bar(len(rows), "cache image states", progress) as bar:
+            desc = "cache mirrored image states" if mirrored else "cache image states"
+            with _eval_mode(model.vision_model), _bar(len(rows), desc, progress) as bar:
                 for start in range(0, len(rows), batch_size):
-                    images = split[rows[start : start + batch_size]]["image"]
+                    images = [view(image) for image in split[rows[start : start + batch_size]]["image"]]
                     pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
                     states = model.vision_tower_states(pixels).float().cpu()
                     yield start, states, torch.full((len(states),), length)
@@ -319,13 +328,19 @@ def build_split_states(
     cache_dir: str | os.PathLike[str] | None = None,
     dtype: str = "float16",
     progress: bool = True,
+    mirrored: bool = False,
 ) -> SplitStates:
-    """The caches a split needs: images when the vision tower is frozen, captions when the text tower is."""
+    """The caches a split needs: images when the vision tower is frozen (and, with `mirrored`, their
+    mirror images too), captions when the text tower is."""
     states = SplitStates()
     if split is None:
         return states
     if freeze_vision and model.vision_model is not None:
         states.images = cache_image_states(model, processor, split, cache_dir, dtype, progress=progress)
+        if mirrored:
+            states.mirrored_images = cache_image_states(
+                model, processor, split, cache_dir, dtype, progress=progress, mirrored=True
+            )
     if freeze_text:
         captions = [caption for row in split["captions"] for caption in row]
         states.texts = cache_text_states(model, processor, captions, cache_dir, dtype, progress=progress)
