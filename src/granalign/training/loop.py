@@ -49,14 +49,19 @@ __all__ = ["TrainResult", "train"]
 
 
 def _frozen_tower_states(
-    recipe: Recipe, accelerator: Accelerator, model: GranAlignModel, processor: Any, *splits: Any
+    recipe: Recipe,
+    accelerator: Accelerator,
+    model: GranAlignModel,
+    processor: Any,
+    *splits: Any,
+    flips: bool = False,
 ) -> dict[str, SplitStates]:
-    """Cached outputs of the frozen towers for the train, dev and test splits (empty when none is frozen).
+    """Cached outputs of the frozen towers for the train, dev and test splits (empty when none is frozen),
+    with the training images' mirror images when the training pairs take cached `flips`.
 
     The main process computes a missing cache first; the others then read it."""
     m = recipe.model
     frozen_vision = m.freeze_vision_tower and model.vision_model is not None
-    flips = frozen_vision and recipe.augment.cache_flipped_images and recipe.augment.horizontal_flip_prob > 0
     if frozen_vision or m.freeze_text_tower:
         accelerator.print(
             "caching the outputs of the frozen "
@@ -136,8 +141,17 @@ def _train_with(
 
     processor = build_processor(recipe.model, train_split)
     model = build_model(recipe.model, processor.tokenizer)
-    states = _frozen_tower_states(recipe, accelerator, model, processor, train_split, dev_split, test_split)
     pairs = build_train_pairs(recipe, train_split, processor)
+    states = _frozen_tower_states(
+        recipe,
+        accelerator,
+        model,
+        processor,
+        train_split,
+        dev_split,
+        test_split,
+        flips=pairs.cached_flip_prob > 0,
+    )
     sampler = EpochPermutationSampler(len(pairs), seed=recipe.seed)
     loader = torch.utils.data.DataLoader(
         pairs,
