@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import typing
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from granalign.training.recipe import EmaWarmup
+
 __all__ = ["EMA_WARMUPS", "WeightEMA", "num_updates_until_decay"]
 
-EMA_WARMUPS = ("num_updates", "bias_correction")
+EMA_WARMUPS: tuple[str, ...] = typing.get_args(EmaWarmup)
 
 
 def num_updates_until_decay(decay: float, warmup: str) -> int:

@@ -40,6 +40,8 @@ __all__ = [
     "save_recipe",
 ]
 
+EmaWarmup = Literal["num_updates", "bias_correction"]  # train.ema_warmup (training/ema.py)
+
 # The recipe saved beside a trained model (and its checkpoints), read back by `evaluate` and `push`.
 RECIPE_FILE = "granalign_recipe.yaml"
 
@@ -139,7 +141,7 @@ class TrainRecipe:
     ema_decay: float | None = None
     # when ema_decay starts to hold (granalign.training.ema): "num_updates" = min(d, (1+t)/(10+t)), which
     # reaches 0.98 only after 440 steps; "bias_correction" = d from the first step, Adam-style normalised
-    ema_warmup: Literal["num_updates", "bias_correction"] = "num_updates"
+    ema_warmup: EmaWarmup = "num_updates"
     save_total_limit: int = 1  # keep the newest N epoch/step checkpoints (resume needs 1)
     save_checkpoints: bool = True  # false: write only best/ and final/ (no resume)
     # replace another run found in output_dir (its checkpoints, best/, final/, metrics); without it, or
