@@ -27,6 +27,7 @@ __all__ = [
     "RECIPE_FILE",
     "AugmentRecipe",
     "DataRecipe",
+    "EmaWarmup",
     "EvalRecipe",
     "ModelRecipe",
     "OptimRecipe",
